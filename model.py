@@ -487,6 +487,27 @@ def stream(model: WanDiT, contexts: list, shape: tuple, sigmas=None, generator=N
 
 
 # -----------------------------------------------------------------------------
+# text encoder: umT5 (transformers' UMT5EncoderModel), tiny for the world, XXL for Wan
+
+
+def tiny_text_encoder(vocab_size: int, d_model: int = 128, layers: int = 2, heads: int = 4, d_ff: int = 256):
+    """A small UMT5 encoder with the world's vocabulary, trained jointly with the world's executor."""
+    from transformers import UMT5Config, UMT5EncoderModel
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=d_ff, num_layers=layers,
+                     num_heads=heads, relative_attention_num_buckets=16, relative_attention_max_distance=32,
+                     dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, decoder_start_token_id=0)
+    return UMT5EncoderModel(cfg)
+
+
+def encode_text(encoder, tokenizer, prompts: list[str], text_len: int, device=None) -> torch.Tensor:
+    """prompts -> (B, text_len, d_model) states, zeros past each prompt's real length (Wan pads that way)."""
+    tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=text_len, return_tensors="pt")
+    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, text_len, d_model)
+    return h * mask[..., None].to(h.dtype)
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 

@@ -1,0 +1,163 @@
+"""
+Benchmarks. Each mode warms up, synchronises, takes medians of timed repeats and prints ratios
+against references measured in the same run, with the GPU named.
+
+    python bench.py --kernel          # our Triton attention vs cuDNN SDPA, flash SDPA, FlexAttention
+    python bench.py --kernel --check  # also max relative errors of output and gradients at Wan shapes
+"""
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+mode = "kernel"     # kernel
+check = False       # kernel: also check bf16 output/gradients against the float32 reference
+heads = 12          # Wan: 12 heads of 128
+head_dim = 128
+frame_tokens = 1560 # 480x832 video -> 30x52 tokens per latent frame
+chunk_frames = 3
+dtype = "bfloat16"
+warmup_ms = 100     # do_bench warm-up and repetition budgets
+rep_ms = 500
+# -----------------------------------------------------------------------------
+for a in list(sys.argv[1:]):  # `--kernel`, `--check` are shorthands for --mode=kernel, --check=True
+    if a in ("--kernel",):
+        sys.argv.remove(a)
+        mode = a[2:]
+    elif a == "--check":
+        sys.argv.remove(a)
+        check = True
+from configurator import configure  # noqa: E402
+
+configure(globals())
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / ms / 1e9
+
+
+def bench_kernel():
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attention import attention, attention_flops, attention_mask
+
+    assert torch.cuda.is_available(), "--kernel needs a CUDA GPU"
+    dev, dt = "cuda", getattr(torch, dtype)
+    flex = torch.compile(flex_attention, dynamic=False)
+    H, D, S, c = heads, head_dim, frame_tokens, chunk_frames
+    chunk = c * S
+
+    def time(fn):
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+    def sdpa(backend, q, k, v, mask=None):
+        with sdpa_kernel(backend):  # SDPA wants (B, H, L, D): transposed views, no copies
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+
+    def flex_mask(Lq, Lk, q_offset, chunk_, sink, window):
+        def mask_mod(b, h, qi, kj):  # the same rule as attention.attention_mask
+            p = qi + q_offset
+            hi = torch.clamp((p // chunk_ + 1) * chunk_, max=Lk) if chunk_ else Lk
+            vis = kj < hi
+            if window:
+                vis = vis & ((kj >= hi - window) | (kj < sink))
+            return vis
+        return create_block_mask(mask_mod, 1, 1, Lq, Lk, device=dev)
+
+    rows = []
+    # (name, Lq, Lk, q_offset, chunk, sink, window, backward)
+    shapes = [(f"chunk vs {n}-frame cache", c * S, n * S, (n - c) * S, 0, 0, 0, False) for n in (3, 12, 21)]
+    shapes += [("LongLive sink+window (12 fr)", c * S, 12 * S, 9 * S, 0, 0, 0, False)]
+    shapes += [("block-causal 21 fr fwd", 21 * S, 21 * S, 0, chunk, 0, 0, False),
+               ("block-causal 21 fr fwd+bwd", 21 * S, 21 * S, 0, chunk, 0, 0, True)]
+    for name, Lq, Lk, q_off, ch, sink, window, bwd in shapes:
+        torch.manual_seed(0)
+        q = torch.randn(1, Lq, H, D, device=dev, dtype=dt, requires_grad=bwd)
+        if name.startswith("LongLive"):  # keys read straight out of a preallocated cache buffer
+            buf = torch.randn(2, 1, 12 * S + 3 * S, H, D, device=dev, dtype=dt)
+            k, v = buf[0, :, :Lk], buf[1, :, :Lk]
+        else:
+            k = torch.randn(1, Lk, H, D, device=dev, dtype=dt, requires_grad=bwd)
+            v = torch.randn(1, Lk, H, D, device=dev, dtype=dt, requires_grad=bwd)
+        flops = attention_flops(1, H, Lq, Lk, D, q_off, ch, sink, window) * (3.5 if bwd else 1.0)
+        dense = None if ch == 0 else attention_mask(Lq, Lk, q_offset=q_off, chunk=ch, sink=sink, window=window, device=dev)
+        bm = flex_mask(Lq, Lk, q_off, ch, sink, window)
+        fns = {
+            "ours": lambda: attention(q, k, v, q_offset=q_off, chunk=ch, sink=sink, window=window, backend="triton"),
+            "cudnn": lambda: sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, dense),
+            "flash": (lambda: sdpa(SDPBackend.FLASH_ATTENTION, q, k, v)) if ch == 0 else None,
+            "flex": lambda: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm),
+        }
+        res = {}
+        for key, fn in fns.items():
+            if fn is None:
+                res[key] = None
+                continue
+            if bwd:
+                do = torch.randn(1, Lq, H, D, device=dev, dtype=dt)
+                f = fn
+
+                def fn(f=f, do=do):
+                    o = f()
+                    o = o if o.shape == do.shape else o.transpose(1, 2)
+                    torch.autograd.grad(o, (q, k, v), do)
+            try:
+                res[key] = tflops(flops, time(fn))
+            except Exception as e:  # a backend that refuses a shape is reported, not fatal
+                print(f"  {key} failed on {name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                res[key] = None
+        rows.append((name, res))
+
+    gpu = torch.cuda.get_device_name()
+    print(f"\nattention TFLOP/s, {dtype}, {H} heads x {D}, {S} tokens/frame, {c}-frame chunks, on {gpu}")
+    print(f"torch {torch.__version__}, triton {triton.__version__}; FLOPs = 4*H*D*(visible pairs), backward 2.5x")
+    hdr = f"{'shape':32s} {'ours':>7s} {'cuDNN':>7s} {'flash':>7s} {'flex':>7s} {'/cuDNN':>7s} {'/flex':>7s}"
+    print(hdr)
+    for name, r in rows:
+        f = lambda x: f"{x:7.0f}" if x else f"{'-':>7s}"
+        ratio = lambda a, b: f"{a / b:7.2f}" if a and b else f"{'-':>7s}"
+        print(f"{name:32s} {f(r['ours'])} {f(r['cudnn'])} {f(r['flash'])} {f(r['flex'])} "
+              f"{ratio(r['ours'], r['cudnn'])} {ratio(r['ours'], r['flex'])}")
+
+
+def check_kernel():
+    """bf16 kernel vs a float32 reference at the Wan shapes: max relative errors of out, dq, dk, dv."""
+    from attention import attention, attention_reference
+
+    dev = "cuda"
+    H, D, S, c = heads, head_dim, frame_tokens, chunk_frames
+    cases = [("chunk vs 21-frame cache", c * S, 21 * S, 18 * S, c * S, 0, 0),
+             ("block-causal 21 frames", 21 * S, 21 * S, 0, c * S, 0, 0),
+             ("LongLive window 21 frames", 21 * S, 21 * S, 0, c * S, 3 * S, 9 * S)]
+    print(f"\nbf16 kernel vs float32 reference (fresh random inputs), on {torch.cuda.get_device_name()}")
+    print(f"{'case':28s} {'out':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}   (max |a-b| / max |b|)")
+    for name, Lq, Lk, q_off, ch, sink, window in cases:
+        torch.manual_seed(len(name))
+        q, k, v = (torch.randn(1, L, H, D, device=dev) for L in (Lq, Lk, Lk))
+        do = torch.randn(1, Lq, H, D, device=dev)
+        kw = dict(q_offset=q_off, chunk=ch, sink=sink, window=window)
+        errs = []
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = attention_reference(*ref_in, **kw)
+        ref_g = torch.autograd.grad(ref, ref_in, do)
+        our_in = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = attention(*our_in, **kw, backend="triton")
+        our_g = torch.autograd.grad(out, our_in, do.to(torch.bfloat16))
+        for a, b in zip((out, *our_g), (ref, *ref_g)):
+            errs.append(((a.float() - b).abs().max() / b.abs().max()).item())
+        print(f"{name:28s} " + " ".join(f"{e:9.2e}" for e in errs))
+
+
+if __name__ == "__main__":
+    if mode == "kernel":
+        if check:
+            check_kernel()
+        bench_kernel()
+    else:
+        raise SystemExit(f"error: unknown mode '{mode}'")
