@@ -4,6 +4,7 @@ against references measured in the same run, with the GPU named.
 
     python bench.py --kernel          # our Triton attention vs cuDNN SDPA, flash SDPA, FlexAttention
     python bench.py --kernel --check  # also max relative errors of output and gradients at Wan shapes
+    python bench.py --quality         # the paper's Table 1 on the shapes world's held-out benchmark
 """
 
 import os
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # config
-mode = "kernel"     # kernel
+mode = "kernel"     # kernel | quality
 check = False       # kernel: also check bf16 output/gradients against the float32 reference
 heads = 12          # Wan: 12 heads of 128
 head_dim = 128
@@ -23,9 +24,16 @@ chunk_frames = 3
 dtype = "bfloat16"
 warmup_ms = 100     # do_bench warm-up and repetition budgets
 rep_ms = 500
+# quality
+checkpoints = "checkpoints"           # the world's models
+rows = "global,planner,gt"            # which rows: global prompt, base planner's step prompts, ground-truth plans
+sample_steps = (1000, 750, 500, 250)  # the executor's few-step sampler
+smoothing = "ramp"                    # prompt smoothing for step prompts
+seed = 0                              # generation seed (the benchmark sets themselves are fixed data)
+device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------
-for a in list(sys.argv[1:]):  # `--kernel`, `--check` are shorthands for --mode=kernel, --check=True
-    if a in ("--kernel",):
+for a in list(sys.argv[1:]):  # `--kernel`, `--check`, `--quality` are shorthands for --mode=..., --check=True
+    if a in ("--kernel", "--quality"):
         sys.argv.remove(a)
         mode = a[2:]
     elif a == "--check":
@@ -154,10 +162,79 @@ def check_kernel():
         print(f"{name:28s} " + " ".join(f"{e:9.2e}" for e in errs))
 
 
+def judge_videos(videos, instructions, plans):
+    """World judges for each video, in parallel processes (they run on the CPU)."""
+    from multiprocessing import get_context
+    with get_context("fork").Pool(min(16, os.cpu_count())) as pool:
+        return pool.starmap(judge_one, zip(videos, instructions, plans))
+
+
+def judge_one(video, instruction, plan):
+    import rewards
+    return {"temporal": rewards.temporal_following(video, instruction),
+            "strict": rewards.temporal_following_strict(video, instruction),
+            "aesthetic": rewards.aesthetic(video),
+            "plan": rewards.plan_quality(plan, instruction)}
+
+
+def bench_quality():
+    """Table 1 on the world: temporal order on Simple / Hard under the reward judge and the stricter
+    evaluation judge (never a reward), their average, and the aesthetic score, per row."""
+    import time as _time
+
+    import world
+    from sample import generate, load_world
+    models = load_world(checkpoints, device)
+    sets = {name: world.benchmark(name) for name in ("simple", "hard")}
+    table, extra = {}, {}
+    for row in rows.split(","):
+        t0 = _time.time()
+        res = {}
+        for name, items in sets.items():
+            ins = [it["instruction"] for it in items]
+            if row == "global":
+                plans = [[(x, 0, world.T)] for x in ins]
+            elif row == "gt":
+                plans = [[tuple(s) for s in it["plan"]] for it in items]
+            elif row == "planner":
+                out = models["planner"].plan(ins)
+                extra[f"valid plans {name}"] = sum(p is not None for p, _, _ in out) / len(out)
+                plans = [p if p is not None else [(x, 0, world.T)] for (p, _, _), x in zip(out, ins)]
+            else:
+                raise SystemExit(f"error: unknown row '{row}'")
+            videos = generate(models, plans, seed=seed, smooth=smoothing if row != "global" else "none",
+                              timesteps=sample_steps)
+            scores = judge_videos(list(videos), ins, plans)
+            res[name] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+        table[row] = res
+        print(f"  {row}: {_time.time() - t0:.1f} s")
+    gt = {name: world.benchmark(name) for name in sets}
+    ref = judge_videos([world.render(it["instruction"]) for n in sets for it in gt[n]],
+                       [it["instruction"] for n in sets for it in gt[n]], [[tuple(s) for s in it["plan"]] for n in sets for it in gt[n]])
+    ref_aes = sum(r["aesthetic"] for r in ref) / len(ref)
+    dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\nTable 1 on the shapes world (held-out Simple/Hard, 100 each), seed {seed}, sampler {sample_steps}, on {dev}")
+    print(f"{'row':28s} {'Simple':>7s} {'Hard':>7s} {'Simple*':>8s} {'Hard*':>7s} {'avg':>6s} {'aesth':>6s} {'planQ':>6s}")
+    names = {"global": "single prompt", "planner": "step prompts (base planner)", "gt": "step prompts (ground truth)"}
+    for row, r in table.items():
+        s, h = r["simple"], r["hard"]
+        avg = (s["temporal"] + h["temporal"] + s["strict"] + h["strict"]) / 4
+        aes = (s["aesthetic"] + h["aesthetic"]) / 2
+        pq = (s["plan"] + h["plan"]) / 2
+        print(f"{names.get(row, row):28s} {s['temporal']:7.3f} {h['temporal']:7.3f} {s['strict']:8.3f} {h['strict']:7.3f} "
+              f"{avg:6.3f} {aes:6.3f} {pq:6.3f}")
+    print(f"{'ground-truth renders':28s} {'':>7s} {'':>7s} {'':>8s} {'':>7s} {'':>6s} {ref_aes:6.3f}")
+    print("(* = the stricter evaluation judge, never used as a reward; planQ = plan-quality judge)")
+    for k, v in extra.items():
+        print(f"{k}: {v:.2f}")
+
+
 if __name__ == "__main__":
     if mode == "kernel":
         if check:
             check_kernel()
         bench_kernel()
+    elif mode == "quality":
+        bench_quality()
     else:
         raise SystemExit(f"error: unknown mode '{mode}'")

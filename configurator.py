@@ -4,7 +4,8 @@ nanoGPT-style configuration: a script keeps its settings as plain globals, then 
     configure(globals())
 
 which applies, in order, any config files named on the command line (python files of plain
-assignments, e.g. config/world.py) and any --key=value overrides. A key the script does not
+assignments, e.g. config/world.py) and any --key=value (or --key value) overrides; a bare
+--flag sets a boolean to True. A key the script does not
 define, or a value of another type, stops the program with one line naming it.
 """
 
@@ -21,7 +22,9 @@ def die(msg: str):
 def configure(g: dict, argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     keys = {k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):  # a config file
             try:
                 src = open(arg).read()
@@ -33,15 +36,22 @@ def configure(g: dict, argv: list[str] | None = None) -> dict:
                 if k.startswith("_") or callable(v) or type(v).__name__ == "module":
                     continue
                 set_key(g, keys, k, v, arg)
-        else:
-            if "=" not in arg:
-                die(f"expected --key=value, got {arg}")
+            continue
+        if "=" in arg:  # --key=value
             k, raw = arg[2:].split("=", 1)
-            try:
-                v = literal_eval(raw)
-            except (ValueError, SyntaxError):
-                v = raw  # a bare string
-            set_key(g, keys, k, v, arg)
+        elif isinstance(g.get(arg[2:]), bool):  # --flag means True
+            k, raw = arg[2:], "True"
+        elif args:  # --key value
+            k, raw = arg[2:], args.pop(0)
+        else:
+            die(f"{arg} needs a value")
+        try:
+            v = literal_eval(raw)
+        except (ValueError, SyntaxError):
+            v = raw  # a bare string
+        if isinstance(g.get(k), str) and not isinstance(v, str):
+            v = raw  # --prompt 42 is the text "42"
+        set_key(g, keys, k, v, arg)
     return {k: g[k] for k in sorted(keys)}
 
 

@@ -46,6 +46,7 @@ class ModelConfig:
     chunk_frames: int = 3            # latent frames per autoregressive chunk
     sink_frames: int = 0             # LongLive: first frames attended forever (needs window_frames)
     window_frames: int = 0           # LongLive: most recent frames attended, current chunk included; 0 = all
+    abs_pos: bool = False            # add a fixed sin-cos (frame, row, column) embedding to the tokens (not in Wan)
 
     @property
     def head_dim(self) -> int:
@@ -58,8 +59,10 @@ CONFIGS = {
     # LongLive: the same weights attend to a 3-frame sink plus the 9 most recent frames
     "longlive-1.3b": ModelConfig(sink_frames=3, window_frames=9),
     # the shapes world's executor, in pixel space (64x64 RGB, 8x8 patches -> 64 tokens a frame)
+    # abs_pos: RoPE alone tells a token only relative offsets, and a pure-noise first chunk gives it
+    # nothing else to learn where "top left" is; a small model trained for minutes needs the hint
     "world": ModelConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, freq_dim=256,
-                         text_dim=128, text_len=32, in_dim=3, out_dim=3, patch_size=(1, 8, 8)),
+                         text_dim=128, text_len=32, in_dim=3, out_dim=3, patch_size=(1, 8, 8), abs_pos=True),
     # for tests: 0.1 M parameters
     "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32,
                         text_dim=32, text_len=8, in_dim=4, out_dim=4),
@@ -106,6 +109,22 @@ def rope_cos_sin(head_dim: int, grid: tuple, start_frame: int, device, theta: fl
     ang = torch.cat([at[:, None, None].expand(f, h, w, -1), ah[None, :, None].expand(f, h, w, -1),
                      aw[None, None, :].expand(f, h, w, -1)], dim=-1).flatten(0, 2)  # (L, head_dim/2)
     return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def sincos_positions(dim: int, grid: tuple, start_frame: int, device) -> torch.Tensor:
+    """Fixed absolute (frame, row, column) embedding, (L, dim): sin/cos of each coordinate at
+    geometric frequencies, the three parts concatenated. No parameters, any grid size."""
+    f, h, w = grid
+    parts = [2 * (dim // 6), 2 * (dim // 6)]
+    parts.append(dim - sum(parts))
+    out = []
+    for n, (pos, size) in zip(parts, [(start_frame, f), (0, h), (0, w)]):
+        inv = 1.0 / 100.0 ** (torch.arange(0, n, 2, dtype=torch.float64, device=device) / n)
+        ang = torch.outer(torch.arange(pos, pos + size, dtype=torch.float64, device=device), inv)
+        out.append(torch.cat([ang.sin(), ang.cos()], dim=1)[:, :n])  # (size, n)
+    ft, fh, fw = out
+    return torch.cat([ft[:, None, None].expand(f, h, w, -1), fh[None, :, None].expand(f, h, w, -1),
+                      fw[None, None, :].expand(f, h, w, -1)], dim=-1).flatten(0, 2).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -273,6 +292,8 @@ class WanDiT(nn.Module):
         grid = tuple(h.shape[2:])
         S = grid[1] * grid[2]  # tokens per latent frame
         h = h.flatten(2).transpose(1, 2).float()  # (B, L, dim) residual stream kept in float32
+        if cfg.abs_pos:
+            h = h + sincos_positions(cfg.dim, grid, start_frame, x.device)
 
         e = self.time_embedding(timestep_embedding(t, cfg.freq_dim).to(dt)).float()  # (B*F, dim)
         e0 = self.time_projection(e.to(dt)).float().unflatten(1, (6, cfg.dim)).unflatten(0, (B, nf))  # (B, F, 6, dim)
@@ -462,9 +483,9 @@ def stream(model: WanDiT, contexts: list, shape: tuple, sigmas=None, generator=N
            device=None, dtype=None):
     """Generate a video chunk by chunk, yielding each chunk's clean latents (B, c, C, H, W) as it is made.
 
-    contexts: one text-encoder state tensor (B, Lt, text_dim) per chunk; when it changes between
-    chunks, the cross-attention cache is rebuilt (and with switch_recache, LongLive's re-cache runs).
-    shape: (B, F, C, H, W) of the whole video.
+    contexts: one text-encoder state tensor (B, Lt, text_dim) per chunk. Where it changes between
+    chunks (a prompt switch, or a smoothed blend), the cross-attention cache is rebuilt, and with
+    switch_recache LongLive's re-cache runs. shape: (B, F, C, H, W) of the whole video.
     """
     cfg = model.cfg
     sigmas = few_step_sigmas() if sigmas is None else sigmas
@@ -475,7 +496,7 @@ def stream(model: WanDiT, contexts: list, shape: tuple, sigmas=None, generator=N
     cache = KVCache(cfg, B, S, nf, device=device, dtype=dtype or model.patch_embedding.weight.dtype)
     frames = []
     for j in range(nf // c):
-        if j > 0 and contexts[j] is not contexts[j - 1]:
+        if j > 0 and not torch.equal(contexts[j], contexts[j - 1]):
             if switch_recache:
                 recache(model, cache, torch.cat(frames, dim=1), contexts[j])
             else:

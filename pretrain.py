@@ -1,0 +1,319 @@
+"""
+Train the shapes world's base models from scratch; the results ship in checkpoints/.
+
+    python pretrain.py config/world.py --model=executor   # DiT + tiny umT5, flow matching
+    python pretrain.py config/world.py --model=planner    # tiny Qwen3 on imperfect plans
+
+The executor learns the way a plain video model does: whole videos captioned with their global
+instruction, plus single-step clips (the step starts at a random chunk) captioned with that step's
+prompt. It never sees a prompt change inside a clip, so step prompts that switch mid-video are new
+to it: it reacts late or blends steps, the failure modes TempAct's executor RL fixes. Noise is
+drawn per chunk (diffusion forcing), and some chunks are left clean so that later chunks learn to
+continue a clean context (teacher forcing), as the KV cache presents it at generation time.
+
+The planner learns imperfect plans: uniform spans whatever the steps need, and now and then a
+dropped or swapped step, so GSPO has something real to fix.
+
+Training resumes from out_dir/<model>_state.pt (written atomically); exported weights are
+safetensors. A kill loses at most the steps since the last checkpoint.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import deque
+from contextlib import nullcontext
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# config
+model = "executor"        # executor | planner
+out_dir = "checkpoints"   # exported weights and the resumable state go here
+device = "cuda" if torch.cuda.is_available() else "cpu"
+seed = 0
+max_steps = 20000         # stop at this many optimizer steps ...
+max_minutes = 8.0         # ... or after this much wall time, whichever comes first
+batch_size = 32
+lr = 3e-4
+warmup = 300              # linear warm-up steps, then constant (the EMA does the averaging)
+weight_decay = 0.01
+grad_clip = 1.0
+ema = 0.999               # exported executor weights are this EMA
+ckpt_every = 1000         # steps between resumable checkpoints
+log_every = 50
+workers = 0               # processes rendering videos; 0 = all CPUs
+init_from = ""            # start from exported weights in this folder (no optimizer state), when out_dir has no state
+# executor
+executor_config = "world"         # a model.CONFIGS name
+step_clip_frac = 0.5              # fraction of single-step clips captioned with their step prompt
+clean_chunk_frac = 0.25           # fraction of chunks left clean (teacher-forcing context)
+train_shift = 3.0                 # noise levels: u ~ U(0, 1) warped by this shift, per chunk
+text_layers = 2                   # the tiny umT5 text encoder
+# planner
+planner_hidden = 128
+planner_layers = 4
+drop_step_frac = 0.15             # imperfect targets: a step dropped ...
+swap_step_frac = 0.15             # ... or two neighbouring steps swapped
+short_form_frac = 0.3             # instructions as users write them: size and position left out
+# -----------------------------------------------------------------------------
+from configurator import configure, die  # noqa: E402
+
+config = configure(globals())
+
+import world  # noqa: E402
+from model import CONFIGS, WanDiT, encode_text, save_pretrained, tiny_text_encoder  # noqa: E402
+
+torch.manual_seed(seed)
+os.makedirs(out_dir, exist_ok=True)
+dev_type = "cuda" if "cuda" in device else "cpu"
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev_type == "cuda" else nullcontext()
+tokenizer = world.build_tokenizer()
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_safetensors(tensors: dict, path: str, meta: dict):
+    from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# data: rendered on the fly by worker processes (one video takes ~2 ms)
+
+
+def executor_example(i: int):
+    """Example i -> (video uint8 (T, H, W, 3), caption). Deterministic in (seed, i)."""
+    rng = random.Random(seed * 1_000_003 + i)
+    if rng.random() < step_clip_frac:  # a single step at a random chunk, captioned with the step prompt
+        text = world.sample_training_instruction(rng, 1)
+        (prompt, _, _), = world.ground_truth_plan(text)
+        need = -(-world.DURATION[world.parse(text)[1][0].kind] // world.CHUNK)
+        start = world.CHUNK * rng.randint(0, world.T // world.CHUNK - need)
+        return world.render(text, [(prompt, start, world.T)]), prompt
+    text = world.sample_training_instruction(rng, rng.randint(1, 4))
+    return world.render(text), text
+
+
+SHORTEN = re.compile(r"\b(small|big) |\s(at the (top|bottom)( left| right)?|on the (left|right)|in the middle)\b")
+
+
+def planner_example(i: int):
+    """Example i -> (instruction, imperfect plan as text)."""
+    rng = random.Random(seed * 1_000_003 + i)
+    text = world.sample_training_instruction(rng, rng.randint(1, 4))
+    if rng.random() < short_form_frac:  # the parser fills size and position in; the plan names them
+        short = SHORTEN.sub("", text)
+        try:
+            world.ground_truth_plan(short)
+            text = short
+        except ValueError:
+            pass
+    prompts = [p for p, _, _ in world.ground_truth_plan(text)]
+    if len(prompts) > 1 and rng.random() < drop_step_frac:
+        prompts.pop(rng.randrange(len(prompts)))
+    elif len(prompts) > 1 and rng.random() < swap_step_frac:
+        j = rng.randrange(len(prompts) - 1)
+        prompts[j], prompts[j + 1] = prompts[j + 1], prompts[j]
+    chunks = world.T // world.CHUNK  # uniform spans in whole chunks, whatever each step needs
+    bounds = [round(chunks * j / len(prompts)) * world.CHUNK for j in range(len(prompts) + 1)]
+    plan = [(p, s, e) for p, s, e in zip(prompts, bounds, bounds[1:])]
+    from planner import format_plan
+    return text, format_plan(plan)
+
+
+def batches(example_fn, start: int, prefetch: int = 4):
+    """Endless batches of examples start, start+1, ...; a process pool renders `prefetch` batches ahead
+    (a bounded queue: an unbounded one fills memory and steals the training loop's GIL)."""
+    n = workers or os.cpu_count()
+    i = start
+    if n <= 1:
+        while True:
+            yield [example_fn(j) for j in range(i, i + batch_size)]
+            i += batch_size
+    pool = get_context("fork").Pool(n)
+    pending = deque()
+    while True:
+        while len(pending) < prefetch:
+            pending.append(pool.map_async(example_fn, range(i, i + batch_size), chunksize=max(1, batch_size // n)))
+            i += batch_size
+        yield pending.popleft().get()
+
+
+# -----------------------------------------------------------------------------
+# the executor
+
+
+def executor_loss(net, text_enc, videos, captions):
+    cfg = net.cfg
+    x0 = torch.from_numpy(np.stack(videos)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1  # (B, T, 3, H, W)
+    B, nf = x0.shape[:2]
+    nc = nf // cfg.chunk_frames
+    u = torch.rand(B, nc, device=device)
+    sigma = train_shift * u / (1 + (train_shift - 1) * u)  # (B, chunks)
+    sigma = torch.where(torch.rand(B, nc, device=device) < clean_chunk_frac, torch.zeros_like(sigma), sigma)
+    sigma = sigma.repeat_interleave(cfg.chunk_frames, dim=1)  # (B, T) one level per chunk
+    eps = torch.randn_like(x0)
+    s = sigma[:, :, None, None, None]
+    xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - sigma) x0 + sigma eps
+    with autocast:
+        ctx = encode_text(text_enc, tokenizer, captions, cfg.text_len, device)
+        v = net(xt, 1000 * sigma, ctx)  # (B, T, 3, H, W)
+    err = (v.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, T); the model predicts v = eps - x0
+    noisy = (sigma > 0).float()  # clean context frames carry no target
+    return (err * noisy).sum() / noisy.sum().clamp(min=1)
+
+
+def train_executor():
+    cfg = CONFIGS[executor_config]
+    net = WanDiT(cfg).to(device)
+    text_enc = tiny_text_encoder(len(tokenizer), d_model=cfg.text_dim, layers=text_layers).to(device)
+    params = list(net.parameters()) + list(text_enc.parameters())
+    ema_params = [p.detach().clone() for p in params]
+    return net, text_enc, params, ema_params, executor_loss
+
+
+def export_executor(net, text_enc, ema_params, step):
+    params = list(net.parameters()) + list(text_enc.parameters())
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema_params):
+            p.copy_(e)
+        save_pretrained(net.to(torch.bfloat16), os.path.join(out_dir, "world_executor.safetensors"),
+                        extra={"step": step, "train_config": config})
+        net.float()
+        save_safetensors({k: v.to(torch.bfloat16) for k, v in text_enc.state_dict().items()},
+                         os.path.join(out_dir, "world_text_encoder.safetensors"),
+                         {"config": text_enc.config.to_json_string(), "step": str(step)})
+        for p, b in zip(params, backup):
+            p.copy_(b)
+
+
+# -----------------------------------------------------------------------------
+# the planner
+
+
+def train_planner():
+    from planner import tiny_qwen3
+    net = tiny_qwen3(tokenizer, hidden=planner_hidden, layers=planner_layers, heads=4, kv_heads=2).to(device)
+    return net, None, list(net.parameters()), None, planner_loss
+
+
+def planner_loss(net, _, instructions, plans):
+    from planner import PLAIN_SEP
+    eos = tokenizer.eos_token_id
+    rows, targets = [], []
+    for ins, plan in zip(instructions, plans):  # loss only on the plan tokens and the closing eos
+        a = tokenizer(ins + PLAIN_SEP, add_special_tokens=False)["input_ids"]
+        b = tokenizer(" " + plan, add_special_tokens=False)["input_ids"] + [eos]
+        rows.append(a + b)
+        targets.append([-100] * len(a) + b)
+    L = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (L - len(r)) for r in rows], device=device)
+    tgt = torch.tensor([t + [-100] * (L - len(t)) for t in targets], device=device)
+    with autocast:
+        logits = net(input_ids=ids).logits  # (B, L, V)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tgt[:, 1:].flatten())
+
+
+def export_planner(net, _, ema_params, step):
+    net.save_pretrained(os.path.join(out_dir, "world_planner"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(out_dir, "world_planner"))
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+if model not in ("executor", "planner"):
+    die(f"unknown model '{model}': executor or planner")
+net, text_enc, params, ema_params, loss_fn = train_executor() if model == "executor" else train_planner()
+export = export_executor if model == "executor" else export_planner
+optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+state_path = os.path.join(out_dir, f"{model}_state.pt")
+step = 0
+if os.path.exists(state_path):
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"cannot resume from {state_path} ({type(e).__name__}); move it away to start afresh")
+    net.load_state_dict(state["net"])
+    if text_enc is not None:
+        text_enc.load_state_dict(state["text_enc"])
+    optimizer.load_state_dict(state["optimizer"])
+    for e, s in zip(ema_params or [], state["ema"] or []):
+        e.copy_(s)
+    step = state["step"]
+    print(f"resumed {model} from step {step}")
+elif init_from:  # continue from exported weights, e.g. a run on another machine (fresh optimizer and EMA)
+    from safetensors.torch import load_file
+    if model == "executor":
+        net.load_state_dict({k: v.float() for k, v in load_file(os.path.join(init_from, "world_executor.safetensors")).items()})
+        text_enc.load_state_dict({k: v.float() for k, v in load_file(os.path.join(init_from, "world_text_encoder.safetensors")).items()})
+    else:
+        net.load_state_dict({k: v.float() for k, v in load_file(os.path.join(init_from, "world_planner", "model.safetensors")).items()}, strict=False)
+    for e, p in zip(ema_params or [], params):
+        e.copy_(p.detach())
+    print(f"initialised {model} from {init_from}")
+
+
+def checkpoint():
+    atomic_save({"net": net.state_dict(), "text_enc": text_enc.state_dict() if text_enc is not None else None,
+                 "optimizer": optimizer.state_dict(), "ema": ema_params, "step": step, "config": config}, state_path)
+    export(net, text_enc, ema_params, step)
+
+
+n_params = sum(p.numel() for p in params)
+print(f"training the {model}: {n_params / 1e6:.2f} M parameters on {device}")
+data = batches(executor_example if model == "executor" else planner_example, step * batch_size)
+log = open(os.path.join(out_dir, f"{model}_log.jsonl"), "a")
+t0 = time.time()
+bar = tqdm(total=max_steps, initial=step, desc=model)
+t_data = 0.0  # seconds spent waiting for data since the last log line
+while step < max_steps and (time.time() - t0) / 60 < max_minutes:
+    t1 = time.time()
+    a, b = zip(*next(data))
+    t_data += time.time() - t1
+    for g in optimizer.param_groups:
+        g["lr"] = lr * min(1.0, (step + 1) / warmup)
+    loss = loss_fn(net, text_enc, a, b)
+    if not torch.isfinite(loss):  # skip the update, keep going, say so
+        print(f"step {step}: non-finite loss, update skipped")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        continue
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema_params is not None:
+        with torch.no_grad():
+            d = min(ema, (1 + step) / (10 + step))  # a short EMA early on, `ema` later
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - d)
+    step += 1
+    bar.update(1)
+    if step % log_every == 0:
+        rec = {"step": step, "loss": loss.item(), "grad_norm": gnorm.item(), "lr": optimizer.param_groups[0]["lr"],
+               "minutes": (time.time() - t0) / 60, "data_wait_s": round(t_data, 3)}
+        t_data = 0.0
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+    if step % ckpt_every == 0:
+        checkpoint()
+bar.close()
+checkpoint()
+print(f"{model}: {step} steps, exported to {out_dir}")
+os._exit(0)  # do not wait on the render pool's workers
