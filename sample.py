@@ -113,7 +113,6 @@ def main():
     configure(globals())
     import rewards
     import world
-    from planner import parse_plan  # noqa: F401  (plans are validated the same way everywhere)
 
     try:
         world.parse(prompt)  # one clear line for an empty prompt or a word the grammar cannot place

@@ -944,7 +944,7 @@ def test_llm_judge_plan_quality():
 
 class _TinyVideoProcessor:
     """
-    Stand-in for Qwen3VLVideoProcessor where torchvision is missing (this CPU image): the same
+    Stand-in for Qwen3VLVideoProcessor where torchvision is missing (CPU-only installs): the same
     outputs for frames already sized to a multiple of patch * merge (no resize): normalise,
     pad to an even frame count, cut into (t, h, w) patches in the merge order.
     """
