@@ -1100,3 +1100,16 @@ def test_shipped_world_models_generate(monkeypatch):
     assert video.shape == (world.T, world.H, world.W, 3) and video.dtype == np.uint8
     first = world.perceive(video[:1])[0]  # the first frame shows the instruction's scene: one red circle
     assert [(d.colour, d.shape) for d in first] == [("red", "circle")], first
+
+
+def test_pretrain_resumes_and_rejects_bad_config(tmp_path):
+    out = str(tmp_path / "ck")
+    args = ["pretrain.py", "--model=planner", "--batch_size=4", "--workers=1", "--device=cpu", f"--out_dir={out}",
+            "--planner_hidden=32", "--planner_layers=1"]
+    r = _run(*args, "--max_steps=2")
+    assert r.returncode == 0, r.stderr[-500:]
+    assert os.path.exists(os.path.join(out, "world_planner", "model.safetensors"))
+    r = _run(*args, "--max_steps=3")  # a second run picks up the atomic state file where the first stopped
+    assert r.returncode == 0 and "resumed planner from step 2" in r.stdout, r.stdout[-500:]
+    r = _run("pretrain.py", "--model=painter", f"--out_dir={out}")
+    assert r.returncode == 2 and "unknown model 'painter'" in r.stderr and r.stderr.strip().count("\n") == 0
