@@ -9,6 +9,7 @@ against references measured in the same run, with the GPU named.
 
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ def bench_kernel():
     H, D, S, c = heads, head_dim, frame_tokens, chunk_frames
     chunk = c * S
 
-    def time(fn):
+    def median_ms(fn):
         return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
     def sdpa(backend, q, k, v, mask=None):
@@ -116,7 +117,7 @@ def bench_kernel():
                     o = o if o.shape == do.shape else o.transpose(1, 2)
                     torch.autograd.grad(o, (q, k, v), do)
             try:
-                res[key] = tflops(flops, time(fn))
+                res[key] = tflops(flops, median_ms(fn))
             except Exception as e:  # a backend that refuses a shape is reported, not fatal
                 print(f"  {key} failed on {name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 res[key] = None
@@ -180,15 +181,13 @@ def judge_one(video, instruction, plan):
 def bench_quality():
     """Table 1 on the world: temporal order on Simple / Hard under the reward judge and the stricter
     evaluation judge (never a reward), their average, and the aesthetic score, per row."""
-    import time as _time
-
     import world
     from sample import generate, load_world
     models = load_world(checkpoints, device)
     sets = {name: world.benchmark(name) for name in ("simple", "hard")}
     table, extra = {}, {}
     for row in rows.split(","):
-        t0 = _time.time()
+        t0 = time.time()
         res = {}
         for name, items in sets.items():
             ins = [it["instruction"] for it in items]
@@ -207,13 +206,13 @@ def bench_quality():
             scores = judge_videos(list(videos), ins, plans)
             res[name] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
         table[row] = res
-        print(f"  {row}: {_time.time() - t0:.1f} s")
-    gt = {name: world.benchmark(name) for name in sets}
-    ref = judge_videos([world.render(it["instruction"]) for n in sets for it in gt[n]],
-                       [it["instruction"] for n in sets for it in gt[n]], [[tuple(s) for s in it["plan"]] for n in sets for it in gt[n]])
+        print(f"  {row}: {time.time() - t0:.1f} s")
+    items = [it for name in sets for it in sets[name]]  # ground-truth renders: the aesthetic reference
+    ref = judge_videos([world.render(it["instruction"]) for it in items], [it["instruction"] for it in items],
+                       [[tuple(s) for s in it["plan"]] for it in items])
     ref_aes = sum(r["aesthetic"] for r in ref) / len(ref)
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\nTable 1 on the shapes world (held-out Simple/Hard, 100 each), seed {seed}, sampler {sample_steps}, on {dev}")
+    print(f"\nTable 1 on the shapes world (held-out Simple/Hard, {len(sets['simple'])}/{len(sets['hard'])} items), seed {seed}, sampler {sample_steps}, on {dev}")
     print(f"{'row':28s} {'Simple':>7s} {'Hard':>7s} {'Simple*':>8s} {'Hard*':>7s} {'avg':>6s} {'aesth':>6s} {'planQ':>6s}")
     names = {"global": "single prompt", "planner": "step prompts (base planner)", "gt": "step prompts (ground truth)"}
     for row, r in table.items():
@@ -225,6 +224,9 @@ def bench_quality():
               f"{avg:6.3f} {aes:6.3f} {pq:6.3f}")
     print(f"{'ground-truth renders':28s} {'':>7s} {'':>7s} {'':>8s} {'':>7s} {'':>6s} {ref_aes:6.3f}")
     print("(* = the stricter evaluation judge, never used as a reward; planQ = plan-quality judge)")
+    for row, r in table.items():
+        if row == "planner":
+            print(f"base planner: plan quality {r['simple']['plan']:.3f} Simple, {r['hard']['plan']:.3f} Hard")
     for k, v in extra.items():
         print(f"{k}: {v:.2f}")
 

@@ -92,39 +92,36 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()  # (N, dim)
 
 
-def rope_cos_sin(head_dim: int, grid: tuple, start_frame: int, device, theta: float = 10000.0):
-    """Wan's 3D RoPE angles for tokens ordered (frame, row, column).
-
-    The head dim is split into time / height / width parts (44 / 42 / 42 for d = 128); adjacent
-    channel pairs rotate together. The time index is absolute (start_frame added), so keys in the
-    KV cache keep their positions. Returns cos, sin of shape (L, head_dim / 2), float32.
-    """
+def grid_angles(dims: list[int], grid: tuple, start_frame: int, device, theta: float) -> list[torch.Tensor]:
+    """Angles pos * theta^(-2i/n) for tokens ordered (frame, row, column), one (L, n/2) tensor per axis,
+    with n = dims[axis]. The frame index is absolute (start_frame added)."""
     f, h, w = grid
-    dims = [head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)]
-    angles = []
-    for n, (pos, size) in zip(dims, [(start_frame, f), (0, h), (0, w)]):
+    out = []
+    for axis, (n, pos, size) in enumerate(zip(dims, (start_frame, 0, 0), grid)):
         inv = 1.0 / theta ** (torch.arange(0, n, 2, dtype=torch.float64, device=device) / n)
-        angles.append(torch.outer(torch.arange(pos, pos + size, dtype=torch.float64, device=device), inv))
-    at, ah, aw = angles  # (f, dt/2), (h, dh/2), (w, dw/2)
-    ang = torch.cat([at[:, None, None].expand(f, h, w, -1), ah[None, :, None].expand(f, h, w, -1),
-                     aw[None, None, :].expand(f, h, w, -1)], dim=-1).flatten(0, 2)  # (L, head_dim/2)
+        ang = torch.outer(torch.arange(pos, pos + size, dtype=torch.float64, device=device), inv)  # (size, n/2)
+        shape = [1, 1, 1, -1]
+        shape[axis] = size
+        out.append(ang.view(shape).expand(f, h, w, -1).flatten(0, 2))  # (L, n/2)
+    return out
+
+
+def rope_cos_sin(head_dim: int, grid: tuple, start_frame: int, device, theta: float = 10000.0):
+    """Wan's 3D RoPE angles: the head dim is split into time / height / width parts (44 / 42 / 42
+    for d = 128) and adjacent channel pairs rotate together. The absolute time index keeps cached
+    keys at their positions. Returns cos, sin of shape (L, head_dim / 2), float32."""
+    dims = [head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)]
+    ang = torch.cat(grid_angles(dims, grid, start_frame, device, theta), dim=-1)  # (L, head_dim/2)
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
 def sincos_positions(dim: int, grid: tuple, start_frame: int, device) -> torch.Tensor:
-    """Fixed absolute (frame, row, column) embedding, (L, dim): sin/cos of each coordinate at
-    geometric frequencies, the three parts concatenated. No parameters, any grid size."""
-    f, h, w = grid
-    parts = [2 * (dim // 6), 2 * (dim // 6)]
-    parts.append(dim - sum(parts))
-    out = []
-    for n, (pos, size) in zip(parts, [(start_frame, f), (0, h), (0, w)]):
-        inv = 1.0 / 100.0 ** (torch.arange(0, n, 2, dtype=torch.float64, device=device) / n)
-        ang = torch.outer(torch.arange(pos, pos + size, dtype=torch.float64, device=device), inv)
-        out.append(torch.cat([ang.sin(), ang.cos()], dim=1)[:, :n])  # (size, n)
-    ft, fh, fw = out
-    return torch.cat([ft[:, None, None].expand(f, h, w, -1), fh[None, :, None].expand(f, h, w, -1),
-                      fw[None, None, :].expand(f, h, w, -1)], dim=-1).flatten(0, 2).float()
+    """Fixed absolute (frame, row, column) embedding, (L, dim): [sin, cos] of each axis's angles,
+    the three axes concatenated. No parameters, any grid size."""
+    dims = [2 * (dim // 6), 2 * (dim // 6)]
+    dims.append(dim - sum(dims))
+    return torch.cat([t for a in grid_angles(dims, grid, start_frame, device, 100.0) for t in (a.sin(), a.cos())],
+                     dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -581,14 +578,19 @@ def check_state_dict(model: nn.Module, sd: dict, name: str = "checkpoint"):
         raise CheckpointError(f"{name} does not fit the model: " + "; ".join(p for p in parts if p))
 
 
-def save_pretrained(model: WanDiT, path: str, extra: dict | None = None):
-    """Atomic safetensors write (temp file + rename) with the config in the metadata."""
+def save_safetensors(tensors: dict, path: str, meta: dict | None = None):
+    """Atomic safetensors write: a temp file, then a rename, so a kill never leaves half a file."""
     from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def save_pretrained(model: WanDiT, path: str, extra: dict | None = None, state_dict: dict | None = None):
+    """Our checkpoint: the weights (or the given state dict, e.g. an EMA) with the config in the metadata."""
     meta = {"config": json.dumps(asdict(model.cfg))}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors(model.state_dict() if state_dict is None else state_dict, path, meta)
 
 
 def from_pretrained(path: str, cfg: ModelConfig | str | None = None, device="cpu", dtype=None, **overrides) -> WanDiT:

@@ -70,7 +70,8 @@ config = configure(globals())
 
 import world  # noqa: E402
 from planner import PLAIN_SEP, format_plan, tiny_qwen3  # noqa: E402
-from model import CONFIGS, WanDiT, encode_text, save_pretrained, tiny_text_encoder  # noqa: E402
+from model import (CONFIGS, WanDiT, encode_text, read_state_dict, save_pretrained, save_safetensors,  # noqa: E402
+                   tiny_text_encoder)
 
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
@@ -85,13 +86,6 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_safetensors(tensors: dict, path: str, meta: dict):
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 # data: rendered on the fly by worker processes (one video takes ~2 ms)
 
@@ -102,7 +96,7 @@ def executor_example(i: int):
     if rng.random() < step_clip_frac:  # a single step at a random chunk, captioned with the step prompt
         text = world.sample_training_instruction(rng, 1)
         (prompt, _, _), = world.ground_truth_plan(text)
-        need = -(-world.DURATION[world.parse(text)[1][0].kind] // world.CHUNK)
+        need = world.chunks_needed(world.parse(text)[1][0].kind)
         start = world.CHUNK * rng.randint(0, world.T // world.CHUNK - need)
         return world.render(text, [(prompt, start, world.T)]), prompt
     text = world.sample_training_instruction(rng, rng.randint(1, 4))
@@ -187,19 +181,15 @@ def train_executor():
 
 
 def export_executor(net, text_enc, ema_params, step):
-    params = list(net.parameters()) + list(text_enc.parameters())
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema_params):
-            p.copy_(e)
-        save_pretrained(net.to(torch.bfloat16), os.path.join(out_dir, "world_executor.safetensors"),
-                        extra={"step": step, "train_config": config})
-        net.float()
-        save_safetensors({k: v.to(torch.bfloat16) for k, v in text_enc.state_dict().items()},
-                         os.path.join(out_dir, "world_text_encoder.safetensors"),
-                         {"config": text_enc.config.to_json_string(), "step": str(step)})
-        for p, b in zip(params, backup):
-            p.copy_(b)
+    """Ship the EMA weights in bf16; the live weights keep training."""
+    ema_of = {id(p): e for p, e in zip(params, ema_params)}
+
+    def ema_state(module):  # tied weights appear under several names: each gets its parameter's EMA
+        return {k: ema_of.get(id(v), v).detach().to(torch.bfloat16) for k, v in module.state_dict(keep_vars=True).items()}
+    save_pretrained(net, os.path.join(out_dir, "world_executor.safetensors"), extra={"step": step, "train_config": config},
+                    state_dict=ema_state(net))
+    save_safetensors(ema_state(text_enc), os.path.join(out_dir, "world_text_encoder.safetensors"),
+                     {"config": text_enc.config.to_json_string(), "step": str(step)})
 
 
 # -----------------------------------------------------------------------------
@@ -256,12 +246,12 @@ if os.path.exists(state_path):
     step = state["step"]
     print(f"resumed {model} from step {step}")
 elif init_from:  # continue from exported weights, e.g. a run on another machine (fresh optimizer and EMA)
-    from safetensors.torch import load_file
     if model == "executor":
-        net.load_state_dict({k: v.float() for k, v in load_file(os.path.join(init_from, "world_executor.safetensors")).items()})
-        text_enc.load_state_dict({k: v.float() for k, v in load_file(os.path.join(init_from, "world_text_encoder.safetensors")).items()})
+        net.load_state_dict(read_state_dict(os.path.join(init_from, "world_executor.safetensors"))[0])
+        text_enc.load_state_dict(read_state_dict(os.path.join(init_from, "world_text_encoder.safetensors"))[0])
     else:
-        net.load_state_dict({k: v.float() for k, v in load_file(os.path.join(init_from, "world_planner", "model.safetensors")).items()}, strict=False)
+        from transformers import AutoModelForCausalLM
+        net.load_state_dict(AutoModelForCausalLM.from_pretrained(os.path.join(init_from, "world_planner")).state_dict())
     for e, p in zip(ema_params or [], params):
         e.copy_(p.detach())
     print(f"initialised {model} from {init_from}")
@@ -289,7 +279,7 @@ while step < max_steps and (time.time() - t0) / 60 < max_minutes:
     loss = loss_fn(net, text_enc, a, b)
     if not torch.isfinite(loss):  # skip the update, keep going, say so
         print(f"step {step}: non-finite loss, update skipped")
-        optimizer.zero_grad(set_to_none=True)
+        log.write(json.dumps({"step": step, "skipped": "non-finite loss"}) + "\n")
         step += 1
         continue
     loss.backward()

@@ -336,6 +336,12 @@ def read_score(model, inputs: dict, tokenizer, answers: dict[str, float], min_ma
 # the judges
 
 
+def to_model(inputs, model) -> dict:
+    """A processor's tensors on the model's device; floating ones (pixels) in the model's dtype too."""
+    return {k: (v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device))
+            for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+
+
 class VLMJudge:
     """Qwen3-VL judge of a video (uint8 numpy (T, H, W, 3)): temporal and local step following."""
 
@@ -370,10 +376,8 @@ class VLMJudge:
         meta = VideoMetadata(total_num_frames=len(video), fps=self.fps, frames_indices=idx.tolist())
         inputs = self.processor(text=[prompt], videos=[frames], video_metadata=[meta], do_sample_frames=False,
                                 return_tensors="pt")
-        device, dtype = self.model.device, self.model.dtype
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                  for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        score, self.last_reason = read_score(self.model, inputs, self.processor.tokenizer, answers, self.min_mass)
+        score, self.last_reason = read_score(self.model, to_model(inputs, self.model), self.processor.tokenizer,
+                                             answers, self.min_mass)
         return score
 
     def temporal_following(self, video, instruction: str) -> float:
@@ -440,9 +444,7 @@ class PickScore:
         frames = [np.asarray(f) for f in frames]  # list of (H, W, 3) uint8
         inputs = self.processor(text=[prompt or self.DEFAULT_PROMPT], images=frames, padding=True,
                                 truncation=True, max_length=77, return_tensors="pt")
-        inputs = {k: (v.to(self.model.device, self.model.dtype) if v.is_floating_point() else v.to(self.model.device))
-                  for k, v in inputs.items()}
-        out = self.model(**inputs)
+        out = self.model(**to_model(inputs, self.model))
         score = out.logits_per_image[:, 0].float().mean().item() / 26  # logits = logit_scale.exp() * cos
         return min(max(score, 0.0), 1.0) if math.isfinite(score) else 0.0
 

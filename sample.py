@@ -8,12 +8,20 @@ One prompt -> a plan -> a video streamed chunk by chunk -> GIF + filmstrip PNG (
 It loads the shapes world's shipped models from checkpoints/ and runs on a CPU in seconds.
 """
 
+import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
+
+from tqdm import tqdm
+
+import model as M
+import rewards
+import world
+from configurator import configure, die
+from planner import Planner, blend_contexts, smooth_weights
 
 # -----------------------------------------------------------------------------
 # config
@@ -36,14 +44,7 @@ class SetupError(Exception):
 
 def load_world(ckpt_dir: str = "checkpoints", device: str = "cpu") -> dict:
     """The world's executor, text encoder, tokenizer and planner, or one clear error line."""
-    import json
-
-    from safetensors import safe_open
     from transformers import UMT5Config, UMT5EncoderModel
-
-    import model as M
-    import world
-    from planner import Planner
     paths = {k: os.path.join(ckpt_dir, f) for k, f in [("executor", "world_executor.safetensors"),
                                                         ("text", "world_text_encoder.safetensors"),
                                                         ("planner", "world_planner")]}
@@ -52,19 +53,14 @@ def load_world(ckpt_dir: str = "checkpoints", device: str = "cpu") -> dict:
             raise SetupError(f"missing {k} checkpoint {p}: run pretrain.py (README) or pass --checkpoints")
     dt = torch.float32 if device == "cpu" else torch.bfloat16
     executor = M.from_pretrained(paths["executor"], device=device, dtype=dt).eval()
-    try:
-        with safe_open(paths["text"], "pt") as f:
-            text_cfg = UMT5Config(**json.loads(f.metadata()["config"]))
-            text_sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise SetupError(f"cannot read text encoder {paths['text']}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-    text_enc = UMT5EncoderModel(text_cfg)
+    text_sd, meta = M.read_state_dict(paths["text"])
+    text_enc = UMT5EncoderModel(UMT5Config(**json.loads(meta["config"])))
     M.check_state_dict(text_enc, text_sd, paths["text"])
     text_enc.load_state_dict(text_sd)
     text_enc = text_enc.to(device=device, dtype=dt).eval()
     try:
         planner = Planner.from_pretrained(paths["planner"], num_frames=world.T, device=device, dtype=dt)
-    except Exception as e:
+    except Exception as e:  # transformers' own errors are long: keep the first line
         raise SetupError(f"cannot load planner {paths['planner']}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
     planner.model.eval()
     return {"executor": executor, "text_enc": text_enc, "tokenizer": world.build_tokenizer(), "planner": planner,
@@ -74,9 +70,6 @@ def load_world(ckpt_dir: str = "checkpoints", device: str = "cpu") -> dict:
 @torch.no_grad()
 def chunk_contexts(models: dict, plans: list, smooth: str = "ramp") -> list[torch.Tensor]:
     """Plans (one per video) -> per chunk a (B, text_len, text_dim) context, with prompt smoothing."""
-    import model as M
-    from planner import blend_contexts, smooth_weights
-    import world
     cfg = models["executor"].cfg
     per_video = []
     for plan in plans:
@@ -91,8 +84,6 @@ def chunk_contexts(models: dict, plans: list, smooth: str = "ramp") -> list[torc
 def generate(models: dict, plans: list, seed: int = 0, smooth: str = "ramp", timesteps=(1000, 750, 500, 250),
              progress=None) -> np.ndarray:
     """Plans -> videos (B, T, H, W, 3) uint8, streamed chunk by chunk."""
-    import model as M
-    import world
     contexts = chunk_contexts(models, plans, smooth)
     g = torch.Generator(models["device"]).manual_seed(seed)
     shape = (len(plans), world.T, 3, world.H, world.W)
@@ -107,12 +98,7 @@ def generate(models: dict, plans: list, seed: int = 0, smooth: str = "ramp", tim
 
 
 def main():
-    from tqdm import tqdm
-
-    from configurator import configure, die
     configure(globals())
-    import rewards
-    import world
 
     try:
         world.parse(prompt)  # one clear line for an empty prompt or a word the grammar cannot place

@@ -356,6 +356,10 @@ def test_sde_step_logp_is_gaussian_density():
         assert torch.allclose(logp.double(), ref, atol=1e-4)  # float32 arithmetic
         # scoring the recorded sample again gives the same log-probability
         assert torch.allclose(M.sde_step(x, v, sigma, sigma_next, 0.7, x_next=x_next)[1], logp)
+        # the ODE step with the exact velocity of x_t = (1 - s) x0 + s eps lands on x_{s'} (float32)
+        x0, eps = torch.randn_like(x), torch.randn_like(x)
+        x_s = M.ode_step((1 - sigma) * x0 + sigma * eps, eps - x0, sigma, sigma_next)
+        assert torch.allclose(x_s, (1 - sigma_next) * x0 + sigma_next * eps, atol=1e-5)
     x0 = torch.randn(2, 3, 4, 4)
     x_next, logp, mean, std = M.renoise_step(x0, 0.625)
     ref = torch.distributions.Normal(0.375 * x0.double(), 0.625).log_prob(x_next.double()).flatten(1).mean(1)
@@ -543,27 +547,12 @@ def test_local_step_following():
     assert local_step_following(world.render(it["instruction"]), (0, 3), None, "a blue blob dances") == 0.0
 
 
-def _plan_variants(plan, steps):
-    """Corrupted copies of a ground-truth plan (only those that apply to it)."""
-    plan, out = [tuple(p) for p in plan], {}
-    if len(plan) > 1:
-        out["dropped step"] = [(plan[0][0], 0, plan[1][2])] + plan[2:]
-        out["swapped order"] = [(plan[1][0], *plan[0][1:]), (plan[0][0], *plan[1][1:])] + plan[2:]
-        cut = plan[0][1] + world.DURATION[steps[0].kind] - 1  # step 1 one frame short, step 2 off the chunk grid
-        out["infeasible span"] = [(plan[0][0], plan[0][1], cut), (plan[1][0], cut, plan[1][2])] + plan[2:]
-    p, s, e = plan[-1]
-    if e - s - world.CHUNK >= world.DURATION[steps[-1].kind]:
-        out["invented step"] = plan[:-1] + [(p, s, e - world.CHUNK), ("the small red circle in the middle grows", e - world.CHUNK, e)]
-        out["wrong coverage"] = plan[:-1] + [(p, s, e - world.CHUNK)]
-    return out
-
-
 def test_plan_quality():
     worst = {}
     for it in ITEMS:
         assert plan_quality(it["plan"], it["instruction"]) == 1.0
         assert plan_quality([tuple(p) for p in it["plan"]], it["instruction"]) == 1.0
-        for name, plan in _plan_variants(it["plan"], world.parse(it["instruction"])[1]).items():
+        for name, plan in world.corrupted_plans(it["plan"], world.parse(it["instruction"])[1]).items():
             worst[name] = max(worst.get(name, 0.0), plan_quality(plan, it["instruction"]))
     assert set(worst) == {"dropped step", "swapped order", "infeasible span", "invented step", "wrong coverage"}
     assert max(worst.values()) <= 0.9, worst  # measured maxima: wrong coverage 0.875 (21 of 24 frames), others 0.60-0.75

@@ -131,6 +131,11 @@ def apply_step(state: tuple, step: Step) -> tuple:
     return state[:step.actor] + (a,) + state[step.actor + 1:]
 
 
+def chunks_needed(kind: str) -> int:
+    """Whole chunks a step of this kind needs (the executor switches prompts only at chunk starts)."""
+    return -(-DURATION[kind] // CHUNK)
+
+
 def simulate(objs: tuple, steps: tuple) -> list[tuple]:
     """states[k] is the scene before step k; states[-1] the final scene."""
     states = [tuple(objs)]
@@ -344,7 +349,7 @@ def _sample_step(rng: random.Random, state: tuple, last: Step | None, chunks_lef
         options = [Step(kind, a, arg, t if kind in TWO_OBJECT else None) for a, t in pairs for arg in args[kind]]
         for step in rng.sample(options, len(options)):
             o = state[step.actor]
-            if (-(-DURATION[kind] // CHUNK) > chunks_left or step == last  # "moves right, then moves right" reads as one
+            if (chunks_needed(kind) > chunks_left or step == last  # "moves right, then moves right" reads as one
                     or (kind == "turn" and step.arg in [s.colour for s in state])  # distinct colours keep objects apart
                     or (kind, o.size) in (("grow", "big"), ("shrink", "small"))):
                 continue
@@ -365,7 +370,7 @@ def sample_instruction(rng: random.Random, n_steps: int, need_pair: bool = False
         state, steps, chunks_left = objs, [], T // CHUNK
         while len(steps) < n_steps and (nxt := _sample_step(rng, state, steps[-1] if steps else None, chunks_left)):
             steps.append(nxt[0])
-            state, chunks_left = nxt[1], chunks_left - -(-DURATION[nxt[0].kind] // CHUNK)
+            state, chunks_left = nxt[1], chunks_left - chunks_needed(nxt[0].kind)
         mentioned = {s.actor for s in steps} | {s.target for s in steps if s.target is not None}
         if len(steps) == n_steps and len(mentioned) == n_obj and (not need_pair or any(s.kind in TWO_OBJECT for s in steps)):
             return describe(objs, tuple(steps))
@@ -418,7 +423,7 @@ def sample_training_instruction(rng: random.Random, n_steps: int, need_pair: boo
 
 def gt_spans(steps: tuple, num_frames: int = T) -> list[tuple[int, int]]:
     """Each step gets the chunks it needs; spare chunks go round-robin from the first step."""
-    need = [-(-DURATION[s.kind] // CHUNK) for s in steps]
+    need = [chunks_needed(s.kind) for s in steps]
     spare = num_frames // CHUNK - sum(need)
     if spare < 0:
         raise ParseError(f"the steps need {sum(need) * CHUNK} frames, the video has {num_frames}")
@@ -495,6 +500,22 @@ def corrupted_render(instruction: str, how: str, rng: random.Random) -> np.ndarr
         return render_script(objs, swapped, [s for s, _ in gt_spans(swapped)])
     starts[k + 1] = starts[k]
     return render_script(objs, steps, starts)
+
+
+def corrupted_plans(plan: list, steps: tuple) -> dict:
+    """Corrupted copies of a ground-truth plan (only those that apply to it), to validate plan_quality."""
+    plan, out = [tuple(p) for p in plan], {}
+    if len(plan) > 1:
+        out["dropped step"] = [(plan[0][0], 0, plan[1][2])] + plan[2:]
+        out["swapped order"] = [(plan[1][0], *plan[0][1:]), (plan[0][0], *plan[1][1:])] + plan[2:]
+        cut = plan[0][1] + DURATION[steps[0].kind] - 1  # step 1 one frame short, step 2 off the chunk grid
+        out["infeasible span"] = [(plan[0][0], plan[0][1], cut), (plan[1][0], cut, plan[1][2])] + plan[2:]
+    p, s, e = plan[-1]
+    if e - s - CHUNK >= DURATION[steps[-1].kind]:
+        invented = ("the small red circle in the middle grows", e - CHUNK, e)
+        out["invented step"] = plan[:-1] + [(p, s, e - CHUNK), invented]
+        out["wrong coverage"] = plan[:-1] + [(p, s, e - CHUNK)]
+    return out
 
 
 def add_noise(video, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -792,8 +813,9 @@ def save_gif(frames, path, fps: int = 8, scale: int = 4):
 
 def validate(limit: int | None = None):
     """Mean judge scores over the benchmark for ground truth, corrupted and degraded renders."""
-    from rewards import aesthetic, temporal_following, temporal_following_strict
-    items = [it["instruction"] for name in ("simple", "hard") for it in benchmark(name)][:limit]
+    from rewards import aesthetic, plan_quality, temporal_following, temporal_following_strict
+    every = [it for name in ("simple", "hard") for it in benchmark(name)][:limit]
+    items = [it["instruction"] for it in every]
     noise = lambda s: (lambda v, i: add_noise(v, s, np.random.default_rng(i)))
     rows = [("ground truth", None), ("reordered", "reordered"), ("missing", "missing"), ("blended", "blended"),
             ("noise sigma 0.05", noise(0.05)), ("noise sigma 0.10", noise(0.10)),
@@ -812,6 +834,14 @@ def validate(limit: int | None = None):
                 scores.append((temporal_following(v, text), temporal_following_strict(v, text), aesthetic(v)))
         m, top = np.mean(scores, 0), np.max(scores, 0)
         print(f"{name:30s} {len(scores):4d} {m[0]:9.3f} {top[0]:6.2f} {m[1]:7.3f} {top[1]:6.2f} {m[2]:9.3f}")
+    plans: dict = {"ground truth": []}
+    for it in every:
+        plans["ground truth"].append(plan_quality(it["plan"], it["instruction"]))
+        for how, plan in corrupted_plans(it["plan"], parse(it["instruction"])[1]).items():
+            plans.setdefault(how, []).append(plan_quality(plan, it["instruction"]))
+    print(f"\n{'plan':30s} {'n':>4s} {'quality':>9s} {'(max)':>6s}")
+    for how, q in plans.items():
+        print(f"{how:30s} {len(q):4d} {np.mean(q):9.3f} {np.max(q):6.3f}")
 
 
 if __name__ == "__main__":
