@@ -143,7 +143,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()  # Wan normalises in float32 whatever the weights' dtype
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # the weight in x's dtype: under autocast with float32 weights q and k stay bf16 like v (one kernel dtype)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight.to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -186,9 +187,13 @@ class Attention(nn.Module):
         q = self.heads(self.norm_q(self.q(x)))  # (B, L, H, D)
         kv = cache.cross[layer] if cache is not None else None
         if kv is None:  # keys/values of a prompt are computed once and reused by every chunk
-            kv = (self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)))  # (B, Lt, H, D)
+            kv = (self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)))  # (B, [n,] Lt, H, D)
             if cache is not None:
                 cache.cross[layer] = kv
+        if kv[0].dim() == 5:  # one prompt per chunk (a plan's step prompts): chunks fold into the batch
+            B, n = kv[0].shape[:2]
+            out = attention(q.unflatten(1, (n, -1)).flatten(0, 1), kv[0].flatten(0, 1), kv[1].flatten(0, 1))
+            return self.o(out.unflatten(0, (B, n)).flatten(1, 2).flatten(2))  # (B, L, C)
         return self.o(attention(q, *kv).flatten(2))
 
 
@@ -268,9 +273,9 @@ class WanDiT(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
-        """(B, Lt, text_dim) text-encoder states -> (B, text_len, dim); zero-padded like Wan, no mask."""
-        pad = self.cfg.text_len - context.shape[1]
-        assert pad >= 0, f"context has {context.shape[1]} tokens, more than text_len {self.cfg.text_len}"
+        """([B, n,] Lt, text_dim) text-encoder states -> (..., text_len, dim); zero-padded like Wan, no mask."""
+        pad = self.cfg.text_len - context.shape[-2]
+        assert pad >= 0, f"context has {context.shape[-2]} tokens, more than text_len {self.cfg.text_len}"
         context = F.pad(context, (0, 0, 0, pad))
         return self.text_embedding(context.to(self.patch_embedding.weight.dtype))
 
@@ -278,7 +283,8 @@ class WanDiT(nn.Module):
         """Flow prediction v = noise - x0.
 
         x (B, F, C, H, W) latents, t (B, F) timesteps in [0, 1000] (one per latent frame), context the
-        text encoder's states (B, Lt, text_dim), or embed_text's output with text_embedded=True.
+        text encoder's states (B, Lt, text_dim), or one prompt per chunk of x (B, F / chunk, Lt, text_dim)
+        (a plan's step prompts), or embed_text's output with text_embedded=True.
         Without a cache: the whole clip under a block-causal mask (training; teacher forcing is
         t = 0 on the context frames). With a cache: x is the chunk(s) starting at start_frame; its
         queries attend to the cached frames plus themselves, and its keys/values are written to the cache.
@@ -419,6 +425,12 @@ def few_step_sigmas(steps=(1000, 750, 500, 250), shift: float = 5.0) -> torch.Te
     return shifted_sigmas(shift)[[1000 - s for s in steps]].float()
 
 
+def ode_sigmas(steps: int = 10, shift: float = 3.0) -> torch.Tensor:
+    """`steps` Euler steps through the shifted schedule, from sigma = 1 down to (not including) 0."""
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+    return (shift * u / (1 + (shift - 1) * u)).float()
+
+
 def gaussian_logp(x, mean, std) -> torch.Tensor:
     """log N(x; mean, std^2), averaged over all non-batch dimensions (Flow-GRPO), in float32."""
     x, mean = x.float(), mean.float()
@@ -461,23 +473,32 @@ def renoise_step(x0, sigma_next: float, noise=None, x_next=None):
 
 
 @torch.no_grad()
-def sample_chunk(model: WanDiT, noise, context, cache: KVCache, start_frame: int, sigmas, generator=None):
-    """Self-Forcing's few-step sampler for one chunk: predict x0, re-noise with fresh noise, repeat;
-    then run the clean x0 once at t = 0 so the cache holds clean keys/values. noise (B, c, C, H, W)."""
+def sample_chunk(model: WanDiT, noise, context, cache: KVCache, start_frame: int, sigmas, generator=None,
+                 sampler: str = "renoise"):
+    """Denoise one chunk, then run its clean x0 once at t = 0 so the cache holds clean keys/values.
+
+    sampler "renoise": Self-Forcing's few-step sampler for its distilled models (predict x0, re-noise
+    with fresh noise, repeat). "ode": Euler steps sigmas[0] -> ... -> 0, what a model trained by plain
+    flow matching (the world's executor) needs: its x0 prediction at high noise is a blurred mean.
+    noise (B, c, C, H, W)."""
     x, B, nf = noise, noise.shape[0], noise.shape[1]
     for i, s in enumerate(sigmas.tolist()):
         v = model(x, torch.full((B, nf), 1000 * s, device=x.device), context, cache=cache, start_frame=start_frame)
+        s_next = sigmas[i + 1].item() if i + 1 < len(sigmas) else 0.0
+        if sampler == "ode":
+            x = x0 = ode_step(x.float(), v.float(), s, s_next)  # (B, c, C, H, W)
+            continue
         x0 = x.float() - s * v  # (B, c, C, H, W)
         if i + 1 < len(sigmas):
             eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-            x = renoise_step(x0, sigmas[i + 1].item(), noise=eps)[0]
+            x = renoise_step(x0, s_next, noise=eps)[0]
     model(x0, torch.zeros(B, nf, device=x.device), context, cache=cache, start_frame=start_frame)
     return x0
 
 
 @torch.no_grad()
 def stream(model: WanDiT, contexts: list, shape: tuple, sigmas=None, generator=None, switch_recache: bool = False,
-           device=None, dtype=None):
+           device=None, dtype=None, sampler: str = "renoise"):
     """Generate a video chunk by chunk, yielding each chunk's clean latents (B, c, C, H, W) as it is made.
 
     contexts: one text-encoder state tensor (B, Lt, text_dim) per chunk. Where it changes between
@@ -499,7 +520,7 @@ def stream(model: WanDiT, contexts: list, shape: tuple, sigmas=None, generator=N
             else:
                 cache.clear_cross()
         noise = torch.randn((B, c, C, H, W), generator=generator, device=device)
-        x0 = sample_chunk(model, noise, contexts[j], cache, j * c, sigmas, generator)
+        x0 = sample_chunk(model, noise, contexts[j], cache, j * c, sigmas, generator, sampler)
         frames.append(x0)
         yield x0
 

@@ -4,12 +4,14 @@ Train the shapes world's base models from scratch; the results ship in checkpoin
     python pretrain.py config/world.py --model=executor   # DiT + tiny umT5, flow matching
     python pretrain.py config/world.py --model=planner    # tiny Qwen3 on imperfect plans
 
-The executor learns the way a plain video model does: whole videos captioned with their global
-instruction, plus single-step clips (the step starts at a random chunk) captioned with that step's
-prompt. It never sees a prompt change inside a clip, so step prompts that switch mid-video are new
-to it: it reacts late or blends steps, the failure modes TempAct's executor RL fixes. Noise is
-drawn per chunk (diffusion forcing), and some chunks are left clean so that later chunks learn to
-continue a clean context (teacher forcing), as the KV cache presents it at generation time.
+The executor learns from rendered videos with two kinds of caption, as a plain multi-caption
+video pretraining would have: the global instruction over the whole clip, or step captions over
+the chunks each step spans (the ground-truth plan). Step captions are coarse, like real dense
+captions: the caption switch often leads its event by a chunk, and a step that starts late runs
+on into the next caption. So with step prompts the base model tends to react late and to blend
+neighbouring steps, the failure modes TempAct's executor RL fixes. Noise is drawn per chunk
+(diffusion forcing); for half the clips a random prefix of chunks is clean (teacher forcing), as
+the KV cache presents it at generation time.
 
 The planner learns imperfect plans: uniform spans whatever the steps need, and now and then a
 dropped or swapped step, so GSPO has something real to fix.
@@ -43,7 +45,9 @@ max_steps = 20000         # stop at this many optimizer steps ...
 max_minutes = 8.0         # ... or after this much wall time, whichever comes first
 batch_size = 32
 lr = 3e-4
-warmup = 300              # linear warm-up steps, then constant (the EMA does the averaging)
+warmup = 300              # linear warm-up steps, then constant ...
+decay_lr = False          # ... or a cosine decay to min_lr at max_steps
+min_lr = 3e-5
 weight_decay = 0.01
 grad_clip = 1.0
 ema = 0.999               # exported executor weights are this EMA
@@ -53,8 +57,10 @@ workers = 0               # processes rendering videos; 0 = all CPUs
 init_from = ""            # start from exported weights in this folder (no optimizer state), when out_dir has no state
 # executor
 executor_config = "world"         # a model.CONFIGS name
-step_clip_frac = 0.5              # fraction of single-step clips captioned with their step prompt
-clean_chunk_frac = 0.25           # fraction of chunks left clean (teacher-forcing context)
+global_caption_frac = 0.3         # clips captioned with the global instruction; the rest get step captions
+caption_lead_frac = 0.5           # a step caption switches one chunk before its event this often
+clean_chunk_frac = 0.25           # diffusion forcing: fraction of chunks left clean ...
+clean_prefix_frac = 0.5           # ... and clips whose first chunks (a random number) are all clean
 train_shift = 3.0                 # noise levels: u ~ U(0, 1) warped by this shift, per chunk
 text_layers = 2                   # the tiny umT5 text encoder
 # planner
@@ -91,16 +97,18 @@ def atomic_save(obj, path):
 
 
 def executor_example(i: int):
-    """Example i -> (video uint8 (T, H, W, 3), caption). Deterministic in (seed, i)."""
+    """Example i -> (video uint8 (T, H, W, 3), one caption per chunk). Deterministic in (seed, i)."""
     rng = random.Random(seed * 1_000_003 + i)
-    if rng.random() < step_clip_frac:  # a single step at a random chunk, captioned with the step prompt
-        text = world.sample_training_instruction(rng, 1)
-        (prompt, _, _), = world.ground_truth_plan(text)
-        need = world.chunks_needed(world.parse(text)[1][0].kind)
-        start = world.CHUNK * rng.randint(0, world.T // world.CHUNK - need)
-        return world.render(text, [(prompt, start, world.T)]), prompt
     text = world.sample_training_instruction(rng, rng.randint(1, 4))
-    return world.render(text), text
+    chunks = world.T // world.CHUNK
+    if rng.random() < global_caption_frac:
+        return world.render(text), [text] * chunks
+    objs, steps = world.parse(text)
+    plan = world.ground_truth_plan(text)
+    starts = [s + (world.CHUNK if k > 0 and s + world.CHUNK < world.T and rng.random() < caption_lead_frac else 0)
+              for k, (_, s, _) in enumerate(plan)]  # the event starts at the caption switch, or a chunk later
+    captions = [p for p, s, e in plan for _ in range(s // world.CHUNK, e // world.CHUNK)]
+    return world.render_script(objs, steps, starts), captions
 
 
 SHORTEN = re.compile(r"\b(small|big) |\s(at the (top|bottom)( left| right)?|on the (left|right)|in the middle)\b")
@@ -158,14 +166,18 @@ def executor_loss(net, text_enc, videos, captions):
     nc = nf // cfg.chunk_frames
     u = torch.rand(B, nc, device=device)
     sigma = train_shift * u / (1 + (train_shift - 1) * u)  # (B, chunks)
-    sigma = torch.where(torch.rand(B, nc, device=device) < clean_chunk_frac, torch.zeros_like(sigma), sigma)
+    prefix = torch.randint(0, nc, (B, 1), device=device) * (torch.rand(B, 1, device=device) < clean_prefix_frac)
+    clean = (torch.rand(B, nc, device=device) < clean_chunk_frac) | (torch.arange(nc, device=device) < prefix)
+    sigma = torch.where(clean, torch.zeros_like(sigma), sigma)
     sigma = sigma.repeat_interleave(cfg.chunk_frames, dim=1)  # (B, T) one level per chunk
     eps = torch.randn_like(x0)
     s = sigma[:, :, None, None, None]
     xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - sigma) x0 + sigma eps
     with autocast:
-        ctx = encode_text(text_enc, tokenizer, captions, cfg.text_len, device)
-        v = net(xt, 1000 * sigma, ctx)  # (B, T, 3, H, W)
+        unique = sorted(set(c for caps in captions for c in caps))  # encode each distinct caption once
+        states = encode_text(text_enc, tokenizer, unique, cfg.text_len, device)  # (U, Lt, text_dim)
+        index = torch.tensor([[unique.index(c) for c in caps] for caps in captions], device=device)  # (B, chunks)
+        v = net(xt, 1000 * sigma, states[index])  # per-chunk prompts (B, chunks, Lt, text_dim) -> (B, T, 3, H, W)
     err = (v.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, T); the model predicts v = eps - x0
     noisy = (sigma > 0).float()  # clean context frames carry no target
     return (err * noisy).sum() / noisy.sum().clamp(min=1)
@@ -257,6 +269,12 @@ elif init_from:  # continue from exported weights, e.g. a run on another machine
     print(f"initialised {model} from {init_from}")
 
 
+def get_lr(it: int) -> float:
+    if it < warmup or not decay_lr:
+        return lr * min(1.0, (it + 1) / warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, max_steps - warmup))))
+
+
 def checkpoint():
     atomic_save({"net": net.state_dict(), "text_enc": text_enc.state_dict() if text_enc is not None else None,
                  "optimizer": optimizer.state_dict(), "ema": ema_params, "step": step, "config": config}, state_path)
@@ -275,7 +293,7 @@ while step < max_steps and (time.time() - t0) / 60 < max_minutes:
     a, b = zip(*next(data))
     t_data += time.time() - t1
     for g in optimizer.param_groups:
-        g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        g["lr"] = get_lr(step)
     loss = loss_fn(net, text_enc, a, b)
     if not torch.isfinite(loss):  # skip the update, keep going, say so
         print(f"step {step}: non-finite loss, update skipped")

@@ -29,8 +29,8 @@ prompt = ""                 # the instruction (world grammar)
 mode = "plan"               # plan: the planner's plan | steps: --steps/--switch | global: one prompt throughout
 steps = ""                  # mode=steps: step prompts separated by '|'
 switch = ""                 # mode=steps: latent frames where each next step starts, comma separated (default: even split)
-smoothing = "ramp"          # prompt smoothing at span ends: ramp | none
-sample_steps = (1000, 750, 500, 250)  # the few-step sampler's timesteps per chunk (Self-Forcing's)
+smoothing = "none"          # prompt smoothing at span ends: none | ramp (TempAct's; the base executor never saw blends)
+sample_steps = 10           # Euler steps per chunk (the world executor is trained by plain flow matching)
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 out = "out"                 # writes <out>/sample.gif and <out>/sample.png
@@ -81,15 +81,17 @@ def chunk_contexts(models: dict, plans: list, smooth: str = "ramp") -> list[torc
 
 
 @torch.no_grad()
-def generate(models: dict, plans: list, seed: int = 0, smooth: str = "ramp", timesteps=(1000, 750, 500, 250),
-             progress=None) -> np.ndarray:
-    """Plans -> videos (B, T, H, W, 3) uint8, streamed chunk by chunk."""
+def generate(models: dict, plans: list, seed: int = 0, smooth: str = "ramp", steps: int = 10,
+             progress=None, shift: float = 3.0) -> np.ndarray:
+    """Plans -> videos (B, T, H, W, 3) uint8, streamed chunk by chunk; `steps` Euler steps per chunk through
+    the schedule shifted by `shift` (pretrain.py's train_shift)."""
     contexts = chunk_contexts(models, plans, smooth)
     g = torch.Generator(models["device"]).manual_seed(seed)
     shape = (len(plans), world.T, 3, world.H, world.W)
-    sigmas = M.few_step_sigmas(timesteps)
+    sigmas = M.ode_sigmas(steps, shift)
     chunks = []
-    for x0 in M.stream(models["executor"], contexts, shape, sigmas, generator=g, device=models["device"]):
+    for x0 in M.stream(models["executor"], contexts, shape, sigmas, generator=g, device=models["device"],
+                       sampler="ode"):
         chunks.append(x0)
         if progress:
             progress()
