@@ -7,6 +7,7 @@ against references measured in the same run, with the GPU named.
     python bench.py --quality         # the paper's Table 1 on the shapes world's held-out benchmark
 """
 
+import json
 import os
 import sys
 import time
@@ -28,8 +29,8 @@ rep_ms = 500
 # quality
 checkpoints = "checkpoints"           # the world's models
 rows = "global,planner,gt"            # which rows: global prompt, base planner's step prompts, ground-truth plans
-sample_steps = (1000, 750, 500, 250)  # the executor's few-step sampler
-smoothing = "ramp"                    # prompt smoothing for step prompts
+sample_steps = 10         # the world executor's Euler steps per chunk
+smoothing = "none"                    # prompt smoothing for rows without a train.py config.json: none | ramp
 seed = 0                              # generation seed (the benchmark sets themselves are fixed data)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # -----------------------------------------------------------------------------
@@ -180,29 +181,39 @@ def judge_one(video, instruction, plan):
 
 def bench_quality():
     """Table 1 on the world: temporal order on Simple / Hard under the reward judge and the stricter
-    evaluation judge (never a reward), their average, and the aesthetic score, per row."""
+    evaluation judge (never a reward), their average, and the aesthetic score, per row.
+
+    A row is `kind` or `kind@dir`: kind global (one prompt), planner (the planner's greedy plans as
+    step prompts) or gt (ground-truth plans); models from `checkpoints`, or from a train.py out_dir
+    (its smoothing setting comes from its config.json). Gains are relative to the `planner` row."""
     import world
     from sample import generate, load_world
-    models = load_world(checkpoints, device)
     sets = {name: world.benchmark(name) for name in ("simple", "hard")}
-    table, extra = {}, {}
+    table, extra, loaded = {}, {}, {}
     for row in rows.split(","):
+        kind, _, where = row.partition("@")
+        where = where or checkpoints
+        if where not in loaded:
+            loaded[where] = load_world(where, device)
+        models = loaded[where]
+        conf = os.path.join(where, "config.json")
+        smooth = json.load(open(conf)).get("smoothing", smoothing) if os.path.exists(conf) else smoothing
         t0 = time.time()
         res = {}
         for name, items in sets.items():
             ins = [it["instruction"] for it in items]
-            if row == "global":
+            if kind == "global":
                 plans = [[(x, 0, world.T)] for x in ins]
-            elif row == "gt":
+            elif kind == "gt":
                 plans = [[tuple(s) for s in it["plan"]] for it in items]
-            elif row == "planner":
+            elif kind == "planner":
                 out = models["planner"].plan(ins)
-                extra[f"valid plans {name}"] = sum(p is not None for p, _, _ in out) / len(out)
+                extra[f"{row}: valid plans {name}"] = sum(p is not None for p, _, _ in out) / len(out)
                 plans = [p if p is not None else [(x, 0, world.T)] for (p, _, _), x in zip(out, ins)]
             else:
                 raise SystemExit(f"error: unknown row '{row}'")
-            videos = generate(models, plans, seed=seed, smooth=smoothing if row != "global" else "none",
-                              timesteps=sample_steps)
+            videos = generate(models, plans, seed=seed, smooth=smooth if kind != "global" else "none",
+                              steps=sample_steps)
             scores = judge_videos(list(videos), ins, plans)
             res[name] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
         table[row] = res
@@ -212,21 +223,27 @@ def bench_quality():
                        [[tuple(s) for s in it["plan"]] for it in items])
     ref_aes = sum(r["aesthetic"] for r in ref) / len(ref)
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\nTable 1 on the shapes world (held-out Simple/Hard, {len(sets['simple'])}/{len(sets['hard'])} items), seed {seed}, sampler {sample_steps}, on {dev}")
-    print(f"{'row':28s} {'Simple':>7s} {'Hard':>7s} {'Simple*':>8s} {'Hard*':>7s} {'avg':>6s} {'aesth':>6s} {'planQ':>6s}")
-    names = {"global": "single prompt", "planner": "step prompts (base planner)", "gt": "step prompts (ground truth)"}
+    print(f"\nTable 1 on the shapes world (held-out Simple/Hard, {len(sets['simple'])}/{len(sets['hard'])} items), "
+          f"seed {seed}, {sample_steps} Euler steps per chunk, on {dev}")
+    print(f"{'row':42s} {'Simple':>7s} {'Hard':>7s} {'Simple*':>8s} {'Hard*':>7s} {'avg':>6s} {'gain':>7s} {'aesth':>6s} {'planQ':>6s}")
+    names = {"global": "single prompt", "planner": "step prompts (planner)", "gt": "step prompts (ground truth)"}
+    avg = {row: (r["simple"]["temporal"] + r["hard"]["temporal"] + r["simple"]["strict"] + r["hard"]["strict"]) / 4
+           for row, r in table.items()}
+    base = avg.get("planner")
     for row, r in table.items():
         s, h = r["simple"], r["hard"]
-        avg = (s["temporal"] + h["temporal"] + s["strict"] + h["strict"]) / 4
-        aes = (s["aesthetic"] + h["aesthetic"]) / 2
-        pq = (s["plan"] + h["plan"]) / 2
-        print(f"{names.get(row, row):28s} {s['temporal']:7.3f} {h['temporal']:7.3f} {s['strict']:8.3f} {h['strict']:7.3f} "
-              f"{avg:6.3f} {aes:6.3f} {pq:6.3f}")
-    print(f"{'ground-truth renders':28s} {'':>7s} {'':>7s} {'':>8s} {'':>7s} {'':>6s} {ref_aes:6.3f}")
-    print("(* = the stricter evaluation judge, never used as a reward; planQ = plan-quality judge)")
+        aes, pq = (s["aesthetic"] + h["aesthetic"]) / 2, (s["plan"] + h["plan"]) / 2
+        kind, _, where = row.partition("@")
+        label = names.get(kind, kind) + (f" [{where}]" if where else "")
+        gain = f"{100 * (avg[row] / base - 1):+6.1f}%" if base and row != "planner" else ""
+        print(f"{label:42s} {s['temporal']:7.3f} {h['temporal']:7.3f} {s['strict']:8.3f} {h['strict']:7.3f} "
+              f"{avg[row]:6.3f} {gain:>7s} {aes:6.3f} {pq:6.3f}")
+    print(f"{'ground-truth renders':42s} {'':>7s} {'':>7s} {'':>8s} {'':>7s} {'':>6s} {'':>7s} {ref_aes:6.3f}")
+    print("(* = the stricter evaluation judge, never used as a reward; avg = mean of the four temporal columns;")
+    print(" gain = avg relative to the base planner's step prompts; planQ = plan-quality judge)")
     for row, r in table.items():
-        if row == "planner":
-            print(f"base planner: plan quality {r['simple']['plan']:.3f} Simple, {r['hard']['plan']:.3f} Hard")
+        if row.partition("@")[0] == "planner":
+            print(f"{row}: plan quality {r['simple']['plan']:.3f} Simple, {r['hard']['plan']:.3f} Hard")
     for k, v in extra.items():
         print(f"{k}: {v:.2f}")
 
