@@ -279,6 +279,25 @@ def test_streaming_equals_full_forward(chunk, sink, window, nf, abs_pos):
     assert err < 1e-5, err  # float32, same arithmetic up to summation order
 
 
+def test_per_chunk_prompts_stream_equals_full_forward():
+    # a plan's step prompts: one context per chunk in the training forward == switching prompts while streaming
+    cfg = M.CONFIGS["tiny"]
+    net = random_dit(cfg)
+    x, t, _ = inputs(cfg, B=2, nf=9, H=6, W=6, seed=3)
+    ctx = torch.randn(2, 3, 5, cfg.text_dim)  # (B, chunks, Lt, text_dim)
+    with torch.no_grad():
+        full = net(x, t, ctx)
+        cache = M.KVCache(cfg, 2, frame_tokens=9, num_frames=9)
+        outs = []
+        for j, f0 in enumerate(range(0, 9, 3)):
+            cache.clear_cross()  # the prompt changes at every chunk
+            outs.append(net(x[:, f0:f0 + 3], t[:, f0:f0 + 3], ctx[:, j], cache=cache, start_frame=f0))
+        streamed = torch.cat(outs, dim=1)
+        assert (streamed - full).norm() / full.norm() < 1e-5
+        same = net(x, t, ctx[:, :1].expand(-1, 3, -1, -1))  # one prompt repeated per chunk == one prompt
+        assert (same - net(x, t, ctx[:, 0])).norm() / same.norm() < 1e-5
+
+
 def test_recache_same_prompt_changes_nothing():
     cfg = M.CONFIGS["tiny"]
     net = random_dit(cfg)
@@ -1102,3 +1121,486 @@ def test_pretrain_resumes_and_rejects_bad_config(tmp_path):
     assert r.returncode == 0 and "resumed planner from step 2" in r.stdout, r.stdout[-500:]
     r = _run("pretrain.py", "--model=painter", f"--out_dir={out}")
     assert r.returncode == 2 and "unknown model 'painter'" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+# -----------------------------------------------------------------------------
+# train.py: the TempAct loop on a micro config (the shipped world models, tiny batches, 2 Euler steps)
+
+MICRO = ["--device=cpu", "--instructions=1", "--M=2", "--N=2", "--sample_steps=2", "--num_minibatches=2",
+         "--ckpt_every=1", f"--init_from={os.path.join(ROOT, 'checkpoints')}"]
+
+
+def _train(out, *args):
+    r = _run("train.py", *MICRO, f"--out_dir={out}", *args)
+    assert r.returncode == 0, r.stderr[-800:]
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def _load_state(out):
+    return torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=True)
+
+
+def test_train_two_iterations_and_resume(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    log = _train(a, "--max_iters=2")
+    assert [r["iter"] for r in log] == [1, 2]
+    for r in log:
+        assert all(math.isfinite(r[k]) for k in ("p_loss", "e_loss", "kl", "r_temporal", "r_local")), r
+        assert r["logp_rollout_gap"] < 1e-4  # streamed sampling and the update's full forward agree (float32)
+    base_exec = M.read_state_dict(os.path.join(ROOT, "checkpoints", "world_executor.safetensors"))[0]
+    from safetensors.torch import load_file
+    base_plan = load_file(os.path.join(ROOT, "checkpoints", "world_planner", "model.safetensors"))
+    sa = _load_state(a)
+    assert any((sa["executor"][k].float() - v.float()).abs().max() > 0 for k, v in base_exec.items())
+    assert any((sa["planner"][k].float() - v.float()).abs().max() > 0 for k, v in base_plan.items())
+    # killed after its first checkpoint: the resumed run reaches the same state as the uninterrupted one
+    _train(b, "--max_iters=1")
+    r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=2")
+    assert r.returncode == 0 and "resumed from iteration 1" in r.stdout, r.stdout[-500:] + r.stderr[-500:]
+    sb = _load_state(b)
+    assert sb["iter"] == sa["iter"] == 2
+    for part in ("executor", "planner"):
+        for k, v in sa[part].items():
+            assert torch.equal(v, sb[part][k]), (part, k)
+    assert os.path.exists(os.path.join(a, "rewards.png"))
+    assert os.path.exists(os.path.join(a, "world_planner", "model.safetensors"))
+
+
+def test_train_survives_bad_plans_and_nan(tmp_path):
+    # a hot planner writes malformed plans: they get reward 0, are logged, and the run goes on
+    log = _train(str(tmp_path / "c"), "--max_iters=1", "--planner_temperature=20.0")
+    assert log[0]["valid_plans"] < 1 and log[0]["invalid_reasons"], log
+    # a huge learning rate blows the executor up after its first update: the NaN losses are skipped and logged
+    log = _train(str(tmp_path / "d"), "--max_iters=2", "--executor_lr=1e30", "--train_planner=False")
+    assert sum(r["e_skipped"] for r in log) > 0, log
+
+
+def test_train_ddp_two_processes_gloo(tmp_path):
+    # torchrun on the CPU: two ranks, gloo, one iteration; each rank its own instructions, weights kept equal
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *MICRO, f"--out_dir={out}", "--max_iters=1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-1500:]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert len(log) == 1 and log[0]["ranks"] == 2  # rank 0 alone writes the log
+    assert log[0]["rank_weight_spread"] == 0.0, log[0]
+    assert math.isfinite(log[0]["e_loss"]) and math.isfinite(log[0]["p_loss"])
+
+# -----------------------------------------------------------------------------
+# vae.py: the Wan2.1 VAE on tiny shapes
+
+import vae as V  # noqa: E402
+
+
+def random_vae(cfg: str = "tiny", seed: int = 0) -> V.WanVAE:
+    """Random weights everywhere, gains away from 1: every path contributes to the output."""
+    torch.manual_seed(seed)
+    vae = V.WanVAE(V.VAE_CONFIGS[cfg])
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)  # unit gain per layer
+    return vae.eval().requires_grad_(False)
+
+
+def rel_err(x, ref):
+    """max |x - ref| / max |ref|, in float64."""
+    ref = ref.double()
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_vae_state_dict_matches_reference():
+    # expected names and shapes: data derived from the public Wan2.1 VAE model definition
+    ref = json.load(open(os.path.join(os.path.dirname(__file__), "data", "wan_vae_keys.json")))
+    with torch.device("meta"):
+        vae = V.WanVAE(V.VAE_CONFIGS["wan2.1"])
+    ours = sorted((k, tuple(v.shape)) for k, v in vae.state_dict().items())
+    assert ours == sorted((k, tuple(s)) for k, s in ref)
+    assert len(ours) == 194
+    assert sum(p.numel() for p in vae.parameters()) == 126_892_531
+    assert sum(p.numel() for p in [*vae.decoder.parameters(), *vae.conv2.parameters()]) == 73_295_603
+
+
+@pytest.mark.parametrize("ext", [".pth", ".safetensors"])
+def test_vae_checkpoint_loads_and_decodes(tmp_path, ext):
+    vae = random_vae()
+    path = str(tmp_path / ("Wan2.1_VAE" + ext))
+    if ext == ".pth":
+        torch.save(vae.state_dict(), path)  # the real file's format: a plain state dict
+    else:
+        M.save_safetensors(vae.state_dict(), path)
+    loaded = V.load_vae(path, cfg="tiny")
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    z = torch.randn(2, 4, 16, 3, 5)  # (B, F, C, h, w), the DiT's layout
+    video = loaded.decode(z)
+    assert video.shape == (2, 1 + 4 * 3, 3, 24, 40)
+    assert video.abs().max() <= 1.0  # clamped
+    assert (video.abs() < 1).float().mean() > 0.5  # and mostly not at the clamp
+    assert torch.equal(video, vae.decode(z))
+
+
+def test_vae_streaming_equals_one_shot():
+    vae = random_vae(seed=1)
+    z = torch.randn(1, 21, 16, 3, 5)  # odd latent sizes; 21 latent frames -> 81 frames
+    one_shot = vae.decode(z, chunk_frames=21)  # one call: no past ever used but the zero start
+    assert one_shot.shape == (1, 81, 3, 24, 40)
+    stream = vae.stream()
+    chunks = [stream(c) for c in z.split(3, dim=1)]  # as the DiT emits them
+    assert [c.shape[1] for c in chunks] == [9] + [12] * 6
+    # float32; only the convolutions' summation order differs
+    assert rel_err(torch.cat(chunks, dim=1), one_shot) < 1e-5
+    assert rel_err(vae.decode(z[:, :7]), one_shot[:, :25]) < 1e-5  # default: one latent frame at a time
+    # the past matters: a later chunk decoded without it comes out different
+    assert rel_err(vae.stream()(z[:, 3:6])[:, -4:], chunks[1][:, -4:]) > 1e-2
+
+
+def test_vae_encoder_decoder_round_trip_shapes():
+    vae = random_vae(seed=2)
+    video = torch.rand(2, 9, 3, 24, 40) * 2 - 1  # (B, 1 + 4n, 3, H, W)
+    z = vae.encode(video)
+    assert z.shape == (2, 3, 16, 3, 5)
+    assert vae.decode(z).shape == video.shape
+    assert vae.encode(video[:, :1]).shape == (2, 1, 16, 3, 5)  # a single image
+    # the encoder streams too: the first frame alone, then 4 frames at a time, equals one call
+    x = video.transpose(1, 2)  # (B, 3, T, H, W)
+    cache = {}
+    parts = [vae.encoder(x[:, :, :1], cache), vae.encoder(x[:, :, 1:5], cache), vae.encoder(x[:, :, 5:], cache)]
+    assert rel_err(torch.cat(parts, dim=2), vae.encoder(x, {})) < 1e-5  # (B, 32, 3, 3, 5)
+    with pytest.raises(ValueError, match="1 \\+ 4n frames, got 8"):
+        vae.encode(video[:, :8])
+
+
+def test_vae_bad_files_give_one_line(tmp_path):
+    def message(path, **kw):
+        with pytest.raises(M.CheckpointError) as e:
+            V.load_vae(path, **kw)
+        msg = str(e.value)
+        assert path in msg and "\n" not in msg
+        return msg
+
+    assert "not found" in message(str(tmp_path / "missing.pth"))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint" * 10)
+    assert "cannot read" in message(str(corrupt))
+    tiny = random_vae().state_dict()
+    small = str(tmp_path / "tiny_vae.pth")
+    torch.save(tiny, small)
+    msg = message(small)  # the full-size config expected
+    assert "expected a Wan2.1 VAE" in msg and "shape mismatch" in msg and "'wan2.1'" in msg
+    other = str(tmp_path / "other.pth")
+    torch.save({**{k: v for k, v in tiny.items() if k != "conv2.bias"}, "head.head.weight": torch.zeros(4)}, other)
+    msg = message(other, cfg="tiny")
+    assert "missing conv2.bias" in msg and "unexpected head.head.weight" in msg
+
+
+# -----------------------------------------------------------------------------
+# backbones.py: real-backbone loaders on tiny checkpoints written here in each release's format
+
+import re  # noqa: E402
+import runpy  # noqa: E402
+import types  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from transformers import UMT5EncoderModel  # noqa: E402
+
+import backbones as B  # noqa: E402
+from model import CheckpointError  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# the umT5 text encoder
+
+TINY_T5 = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
+WORDS = ["<pad>", "</s>", "<unk>"] + "a the red blue circle square moves left right then turns & big small".split()
+
+
+def tiny_t5(seed=0):
+    torch.manual_seed(seed)
+    enc = UMT5EncoderModel(B.umt5_config(**TINY_T5)).eval()
+    with torch.no_grad():  # layer norms start at 1 and a swapped pair of them would go unnoticed: randomise all
+        for p in enc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return enc
+
+
+def to_wan_names(sd: dict) -> dict:
+    """transformers names -> Wan's, through the inverse of the loader's table."""
+    inverse = {v: k for k, v in B.WAN_T5_NAMES.items()}
+    out = {}
+    for k, v in sd.items():
+        if k in B.T5_TIED:
+            continue
+        m = re.fullmatch(r"encoder\.block\.(\d+)\.(.+)", k)
+        out[inverse[f"encoder.block.{{i}}.{m[2]}" if m else k].format(i=m[1] if m else "")] = v.clone()
+    return out
+
+
+def tiny_tokenizer(folder):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])  # as umT5
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return str(folder)
+
+
+def run(enc, ids, mask):
+    with torch.no_grad():
+        return enc(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def test_wan_t5_pth_loads_through_the_table(tmp_path):
+    ref = tiny_t5()
+    path = tmp_path / "models_t5_umt5-xxl-enc-bf16.pth"
+    torch.save(to_wan_names(ref.state_dict()), path)
+    enc = B.load_t5(str(path), config=B.umt5_config(**TINY_T5))
+    ids = torch.randint(3, 64, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    assert torch.equal(run(enc, ids, mask), run(ref, ids, mask))  # the same weights in the same places: exact
+    assert enc.encoder.embed_tokens.weight is enc.shared.weight  # tied again after loading
+
+
+def test_wan_t5_ffn_roles(tmp_path):
+    # a round trip through one table cannot tell which of Wan's FFN weights goes through the GELU: Wan's
+    # block computes x + fc2(fc1(y) * gelu_tanh(gate.0(y))), y = RMSNorm(x) * norm2, written out here
+    wan = to_wan_names(tiny_t5().state_dict())
+    torch.save(wan, tmp_path / "t5.pth")
+    enc = B.load_t5(str(tmp_path / "t5.pth"), config=B.umt5_config(**TINY_T5))
+    x = torch.randn(1, 5, 16)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * wan["blocks.1.norm2.weight"]
+    gate = F.gelu(F.linear(y, wan["blocks.1.ffn.gate.0.weight"]), approximate="tanh")
+    h = F.linear(y, wan["blocks.1.ffn.fc1.weight"]) * gate
+    with torch.no_grad():
+        out = enc.encoder.block[1].layer[1](x)  # transformers' norm + gated FFN + residual
+    assert (out - (x + F.linear(h, wan["blocks.1.ffn.fc2.weight"]))).abs().max() < 1e-5  # float32
+
+
+def test_wan_t5_unknown_key_is_one_line(tmp_path):
+    sd = to_wan_names(tiny_t5().state_dict())
+    sd["blocks.0.ffn.gate.1.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "t5.pth")
+    with pytest.raises(CheckpointError, match=r"'blocks\.0\.ffn\.gate\.1\.weight' is not a weight") as e:
+        B.load_t5(str(tmp_path / "t5.pth"), config=B.umt5_config(**TINY_T5))
+    assert "\n" not in str(e.value)
+    del sd["blocks.0.ffn.gate.1.weight"], sd["blocks.1.attn.q.weight"]
+    torch.save(sd, tmp_path / "t5.pth")
+    with pytest.raises(CheckpointError, match="missing encoder.block.1.layer.0.SelfAttention.q.weight"):
+        B.load_t5(str(tmp_path / "t5.pth"), config=B.umt5_config(**TINY_T5))
+
+
+def test_t5_diffusers_folder(tmp_path):
+    ref = tiny_t5()
+    ref.save_pretrained(tmp_path / "text_encoder")  # config.json + model.safetensors
+    enc = B.load_t5(str(tmp_path / "text_encoder"))
+    ids = torch.randint(3, 64, (1, 12))
+    assert torch.equal(run(enc, ids, torch.ones_like(ids)), run(ref, ids, torch.ones_like(ids)))
+
+
+def test_encode_pads_with_zeros_past_the_prompt(tmp_path):
+    enc, tok = tiny_t5(), B.load_tokenizer(tiny_tokenizer(tmp_path / "umt5-xxl"))
+    prompts = ["the red circle moves left", "a  big blue square\n moves right &amp; then turns"]
+    h = B.encode(enc, tok, prompts)  # (2, 512, 16)
+    assert h.shape == (2, 512, 16)
+    for i, p in enumerate(prompts):
+        ids = tok([B.clean_prompt(p)], return_tensors="pt")["input_ids"]  # real tokens only, </s> included
+        n = ids.shape[1]
+        assert n == len(B.clean_prompt(p).split()) + 1  # '&amp;' decoded to '&', whitespace collapsed
+        assert h[i, n:].abs().max() == 0  # zeros past the real length, exactly
+        # padding is masked out, so the real tokens see only each other; tolerance 1e-5 (float32 sums)
+        assert (h[i, :n] - run(enc, ids, torch.ones_like(ids))[0]).abs().max() < 1e-5
+
+
+def test_full_size_t5_mapping_covers_transformers_once():
+    # Wan's key list: data derived from the public Wan2.1 umT5-XXL encoder built on the meta device
+    wan = json.load(open(os.path.join(os.path.dirname(__file__), "data", "wan_t5_keys.json")))
+    assert len(wan) == 24 * 10 + 2
+    mapped = B.wan_t5_to_transformers({k: torch.empty(s, device="meta") for k, s in wan})
+    with torch.device("meta"):
+        hf = UMT5EncoderModel(B.umt5_config()).state_dict()
+    assert len(mapped) == len(wan) + len(B.T5_TIED)  # no two Wan keys land on one name ...
+    assert set(mapped) == set(hf)  # ... and together they cover every transformers key
+    assert all(mapped[k].shape == hf[k].shape for k in hf)
+    assert sum(math.prod(s) for _, s in wan) == 5_680_910_336  # the umT5-XXL encoder's parameters
+
+
+# -----------------------------------------------------------------------------
+# executors: Self-Forcing / LongLive dicts, LongLive's LoRA
+
+LORA_TARGETS = [f"blocks.{i}.{m}" for i in range(2) for m in
+                ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2"]]
+
+
+def random_lora_dit(seed):
+    torch.manual_seed(seed)
+    net = M.WanDiT(M.CONFIGS["tiny"]).eval()
+    with torch.no_grad():  # Wan zero-inits the output layer: randomise it so every path is checked
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def save_training_dict(path, nets: dict):
+    """Self-Forcing / LongLive layout: {entry: WanDiffusionWrapper state dict (prefix model.), ...}."""
+    ckpt = {k: {f"model.{n}": v for n, v in net.state_dict().items()} for k, net in nets.items()}
+    torch.save(ckpt | {"step": 600}, path)
+
+
+def save_lora(path, net, rank, seed=0, extra=None):
+    """peft's names under LongLive's generator_lora entry; returns {module: (A, B)}."""
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(net.named_modules())
+    pairs = {name: (torch.randn(rank, mods[name].in_features, generator=g) * 0.1,
+                    torch.randn(mods[name].out_features, rank, generator=g) * 0.1) for name in LORA_TARGETS}
+    sd = {f"base_model.model.{name}.lora_{ab}.weight": t for name, (A, Bm) in pairs.items()
+          for ab, t in (("A", A), ("B", Bm))}
+    torch.save({"generator_lora": sd | (extra or {}), "critic_lora": {}, "step": 3000}, path)
+    return pairs
+
+
+def dit_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 4, 4, 4, generator=g)  # (B, F, C, H, W)
+    return x, torch.rand(1, 3, generator=g) * 1000, torch.randn(1, 5, 32, generator=g)
+
+
+def test_selfforcing_reads_the_ema_entry(tmp_path):
+    ema, raw = random_lora_dit(0), random_lora_dit(1)
+    save_training_dict(tmp_path / "self_forcing_dmd.pt", {"generator": raw, "generator_ema": ema})
+    net = B.load_executor(str(tmp_path / "self_forcing_dmd.pt"), "tiny", key="generator_ema")
+    x, t, ctx = dit_inputs()
+    with torch.no_grad():
+        assert torch.equal(net(x, t, ctx), ema(x, t, ctx))
+
+
+def test_longlive_lora_merge_equals_base_plus_lora(tmp_path):
+    base, decoy = random_lora_dit(0), random_lora_dit(1)
+    save_training_dict(tmp_path / "longlive_base.pt", {"generator": base, "generator_ema": decoy})
+    rank, alpha = 4, 8.0  # scale alpha / rank = 2 (LongLive's own: 256 / 256 = 1)
+    pairs = save_lora(tmp_path / "lora.pt", base, rank)
+    net = B.load_executor(str(tmp_path / "longlive_base.pt"), "tiny", key="generator", lora=str(tmp_path / "lora.pt"),
+                          lora_rank=rank, lora_alpha=alpha)
+    merged, own = net.state_dict(), base.state_dict()
+    for name, (A, Bm) in pairs.items():  # float32 merge: tolerance 1e-6
+        assert (merged[name + ".weight"] - (own[name + ".weight"] + alpha / rank * Bm @ A)).abs().max() < 1e-6
+    assert all(torch.equal(merged[k], own[k]) for k in own if k[:-len(".weight")] not in pairs)  # the rest as is
+    # the base model with the LoRA branch run explicitly beside each adapted Linear: y = W x + b + s B A x
+    mods = dict(base.named_modules())
+    for name, (A, Bm) in pairs.items():
+        mods[name].register_forward_hook(lambda m, inp, out, A=A, Bm=Bm:
+                                         out + alpha / rank * F.linear(F.linear(inp[0], A), Bm))
+    x, t, ctx = dit_inputs()
+    with torch.no_grad():
+        y, ref = net(x, t, ctx), base(x, t, ctx)
+    assert (y - ref).abs().max() / ref.abs().max() < 1e-5  # float32, summation order differs
+
+
+@pytest.mark.parametrize("break_it, match", [
+    ("extra", r"LoRA key 'blocks\.5\.self_attn\.q' has no weight"),
+    ("rank", r"LoRA key 'blocks\.0\.self_attn\.q' has rank 4, the config says lora_rank=8"),
+    ("shape", r"LoRA key 'blocks\.0\.ffn\.0' is 128x64, the base weight is \(128, 32\)"),
+    ("name", r"blocks\.0\.ffn\.0\.weight' is not a LoRA weight"),
+])
+def test_lora_that_does_not_fit_is_one_line(tmp_path, break_it, match):
+    base = random_lora_dit(0)
+    save_training_dict(tmp_path / "base.pt", {"generator": base})
+    extra = {"extra": {"base_model.model.blocks.5.self_attn.q.lora_A.weight": torch.zeros(4, 64),
+                       "base_model.model.blocks.5.self_attn.q.lora_B.weight": torch.zeros(64, 4)},
+             "name": {"base_model.model.blocks.0.ffn.0.weight": torch.zeros(128, 64)}}.get(break_it)
+    save_lora(tmp_path / "lora.pt", base, 4, extra=extra)
+    if break_it == "shape":  # a base whose FFN input is narrower than the LoRA's
+        sd = {f"model.{k}": v for k, v in base.state_dict().items()}
+        sd["model.blocks.0.ffn.0.weight"] = sd["model.blocks.0.ffn.0.weight"][:, :32]
+        torch.save({"generator": sd}, tmp_path / "base.pt")
+    with pytest.raises(CheckpointError, match=match) as e:
+        B.load_executor(str(tmp_path / "base.pt"), "tiny", key="generator", lora=str(tmp_path / "lora.pt"),
+                        lora_rank=8 if break_it == "rank" else 4, lora_alpha=4.0)
+    assert "\n" not in str(e.value) and "lora.pt" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# a whole backbone from a config's paths
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path, monkeypatch):
+    """A LongLive-layout download of tiny files, and a stand-in vae module (vae.py is tested elsewhere)."""
+    (tmp_path / "wan").mkdir()
+    base = random_lora_dit(0)
+    save_training_dict(tmp_path / "longlive_base.pt", {"generator": base})
+    save_lora(tmp_path / "lora.pt", base, 4)
+    tiny_t5().save_pretrained(tmp_path / "wan" / "text_encoder")
+    torch.save({"decoder.weight": torch.zeros(1)}, tmp_path / "wan" / "Wan2.1_VAE.pth")
+    stub = types.ModuleType("vae")
+    stub.load_vae = lambda path, device, dtype: ("vae", path, device, dtype)
+    monkeypatch.setitem(sys.modules, "vae", stub)
+    return {"backbone": "longlive", "executor_config": "tiny", "executor_ckpt": str(tmp_path / "longlive_base.pt"),
+            "executor_key": "generator", "lora_ckpt": str(tmp_path / "lora.pt"), "lora_rank": 4, "lora_alpha": 4.0,
+            "vae_ckpt": str(tmp_path / "wan" / "Wan2.1_VAE.pth"), "t5_ckpt": str(tmp_path / "wan" / "text_encoder"),
+            "t5_tokenizer": tiny_tokenizer(tmp_path / "wan" / "umt5-xxl"), "sink_frames": 3, "window_frames": 3}
+
+
+def test_load_backbone(tiny_backbone):
+    parts = B.load_backbone(tiny_backbone, dtype=torch.float32)
+    assert (parts["executor"].cfg.sink_frames, parts["executor"].cfg.window_frames) == (3, 3)  # config overrides
+    assert parts["vae"] == ("vae", tiny_backbone["vae_ckpt"], "cpu", torch.float32)
+    h = B.encode(parts["text_encoder"], parts["tokenizer"], ["a red circle"], text_len=8)  # (1, 8, 16)
+    assert h.shape == (1, 8, 16) and h[0, 4:].abs().max() == 0
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("executor_ckpt", "nowhere/longlive_base.pt",
+     r"executor checkpoint 'nowhere/longlive_base\.pt' not found \(expected LongLive's longlive_base\.pt; "
+     r"set --executor_ckpt=\.\.\.\)"),
+    ("lora_ckpt", "nowhere/lora.pt", r"LoRA checkpoint 'nowhere/lora\.pt' not found"),
+    ("vae_ckpt", "<tmp>", r"VAE checkpoint '.*' is not a file \(expected Wan2\.1's Wan2\.1_VAE\.pth"),
+    ("t5_ckpt", "<tmp>", r"text encoder '.*' is a folder without config\.json"),
+    ("t5_tokenizer", "<tmp>/longlive_base.pt", r"tokenizer folder '.*longlive_base\.pt' is not a folder"),
+    ("t5_tokenizer", "", r"tokenizer folder '' is not set"),
+    ("backbone", "selfforcer", r"backbone 'selfforcer' is not one of"),
+])
+def test_bad_paths_are_one_line_naming_the_file(tiny_backbone, tmp_path, key, value, match):
+    cfg = tiny_backbone | {key: value.replace("<tmp>", str(tmp_path))}
+    with pytest.raises(CheckpointError, match="^config/longlive.py: " + match) as e:
+        B.load_backbone(cfg, source="config/longlive.py")
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_files_are_one_line(tiny_backbone, tmp_path):
+    # a text encoder where the executor should be, and the executor where the text encoder should be
+    torch.save(to_wan_names(tiny_t5().state_dict()), tmp_path / "t5.pth")
+    for key, value, match in [
+            ("executor_ckpt", str(tmp_path / "t5.pth"), r"t5\.pth does not fit the model: missing"),
+            ("t5_ckpt", tiny_backbone["executor_ckpt"], r"longlive_base\.pt does not hold a state dict")]:
+        with pytest.raises(CheckpointError, match=match) as e:
+            B.load_backbone(tiny_backbone | {key: value, "lora_ckpt": ""}, dtype=torch.float32)
+        assert "\n" not in str(e.value)
+
+
+def test_old_format_and_truncated_files(tiny_backbone, tmp_path):
+    lora = torch.load(tiny_backbone["lora_ckpt"])  # the pre-zip torch.save format cannot be memory-mapped
+    torch.save(lora, tmp_path / "old_lora.pt", _use_new_zipfile_serialization=False)
+    B.load_backbone(tiny_backbone | {"lora_ckpt": str(tmp_path / "old_lora.pt")}, dtype=torch.float32)
+    (tmp_path / "cut.pt").write_bytes(open(tiny_backbone["executor_ckpt"], "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match=r"^cannot read executor checkpoint .*cut\.pt: ") as e:
+        B.load_backbone(tiny_backbone | {"executor_ckpt": str(tmp_path / "cut.pt")})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["selfforcing", "longlive"])
+def test_config_files(name):
+    path = os.path.join(os.path.dirname(__file__), "config", f"{name}.py")
+    cfg = {k: v for k, v in runpy.run_path(path).items() if not k.startswith("_")}
+    assert cfg["backbone"] == name and cfg["executor_config"] in M.CONFIGS
+    assert cfg["latent_frames"] % M.CONFIGS[cfg["executor_config"]].chunk_frames == 0
+    assert cfg["height"] % 16 == 0 and cfg["width"] % 16 == 0  # VAE stride 8 times patch 2
+    assert not any(os.path.isabs(v) for v in cfg.values() if isinstance(v, str))  # relative, as downloaded
+    with pytest.raises(CheckpointError, match=f"^config/{name}.py: executor checkpoint '.*' not found"):
+        B.check_paths(cfg, f"config/{name}.py")
