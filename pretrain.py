@@ -1,7 +1,7 @@
 """
 Train the shapes world's base models from scratch; the results ship in checkpoints/.
 
-    python pretrain.py config/world.py --model=executor   # DiT + tiny umT5, flow matching
+    python pretrain.py config/world.py config/world_executor.py --model=executor   # DiT + tiny umT5, flow matching
     python pretrain.py config/world.py --model=planner    # tiny Qwen3 on imperfect plans
 
 The executor learns from rendered videos with two kinds of caption, as a plain multi-caption

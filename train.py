@@ -179,9 +179,11 @@ def rollout(plans: list, g: torch.Generator):
     """
     P, R, nc = len(plans), len(plans) * N, world.T // C
     ctx = [c.float().repeat_interleave(N, 0) for c in chunk_contexts(models, plans, smoothing)]  # nc x (R, L, D)
-    switch = torch.tensor([-(-p[1][1] // C) if len(p) > 1 else -1 for p in plans]).repeat_interleave(N)  # (R,)
+    first = [-(-p[1][1] // C) if len(p) > 1 else -1 for p in plans]  # the chunk where the second step starts
+    switch = torch.tensor([j if j < nc else -1 for j in first]).repeat_interleave(N)  # (R,) -1: no transition
     shape = (C, 3, world.H, world.W)
-    cache = Mod.KVCache(executor.cfg, R, (world.H // 8) * (world.W // 8), world.T, device=device,
+    ph, pw = executor.cfg.patch_size[1:]
+    cache = Mod.KVCache(executor.cfg, R, (world.H // ph) * (world.W // pw), world.T, device=device,
                         dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)  # autocast's k, v
     K = len(sigmas) - 2  # SDE steps: every step but the last (its Gaussian has no width)
     xs = torch.zeros(R, K, *shape, device=device)
@@ -378,7 +380,7 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
         terms["plan_quality"][i] = rewards.plan_quality(parsed[i][0], batch[i // M], world.T)
         terms["temporal"][i] = float(np.mean([scores[vi * N + n]["temporal"] for n in range(N)]))
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
-    has_switch = [vi for vi, p in enumerate(plans) if len(p) > 1]  # execution groups with a transition
+    has_switch = [vi for vi in range(len(plans)) if switch[vi * N] >= 0]  # execution groups with a transition
     rows = torch.tensor([vi * N + n for vi in has_switch for n in range(N)], dtype=torch.long)
     r_exec = torch.tensor([w_local * scores[r]["local"] + w_aesthetic * scores[r]["aesthetic"] for r in rows.tolist()])
     t3 = time.time()
