@@ -607,6 +607,22 @@ def save_safetensors(tensors: dict, path: str, meta: dict | None = None):
     os.replace(tmp, path)
 
 
+def save_state(obj: dict, path: str):
+    """A training run's resumable state (weights, optimizers, step), written atomically like the weights."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_state(path: str, device) -> dict | None:
+    """The state save_state wrote, None when there is none, CheckpointError (one line) when it is unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot resume from {path} ({type(e).__name__}); move it away to start afresh")
+
+
 def save_pretrained(model: WanDiT, path: str, extra: dict | None = None, state_dict: dict | None = None):
     """Our checkpoint: the weights (or the given state dict, e.g. an EMA) with the config in the metadata."""
     meta = {"config": json.dumps(asdict(model.cfg))}

@@ -76,20 +76,14 @@ config = configure(globals())
 
 import world  # noqa: E402
 from planner import PLAIN_SEP, format_plan, tiny_qwen3  # noqa: E402
-from model import (CONFIGS, WanDiT, encode_text, read_state_dict, save_pretrained, save_safetensors,  # noqa: E402
-                   tiny_text_encoder)
+from model import (CONFIGS, CheckpointError, WanDiT, encode_text, load_state, read_state_dict,  # noqa: E402
+                   save_pretrained, save_safetensors, save_state, tiny_text_encoder)
 
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
 dev_type = "cuda" if "cuda" in device else "cpu"
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev_type == "cuda" else nullcontext()
 tokenizer = world.build_tokenizer()
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -104,7 +98,7 @@ def executor_example(i: int):
     if rng.random() < global_caption_frac:
         return world.render(text), [text] * chunks
     objs, steps = world.parse(text)
-    plan = world.ground_truth_plan(text)
+    plan = world.ground_truth_plan((objs, steps))
     starts = [s + (world.CHUNK if k > 0 and s + world.CHUNK < world.T and rng.random() < caption_lead_frac else 0)
               for k, (_, s, _) in enumerate(plan)]  # the event starts at the caption switch, or a chunk later
     captions = [p for p, s, e in plan for _ in range(s // world.CHUNK, e // world.CHUNK)]
@@ -244,11 +238,11 @@ export = export_executor if model == "executor" else export_planner
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
 state_path = os.path.join(out_dir, f"{model}_state.pt")
 step = 0
-if os.path.exists(state_path):
-    try:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"cannot resume from {state_path} ({type(e).__name__}); move it away to start afresh")
+try:
+    state = load_state(state_path, device)
+except CheckpointError as e:
+    die(str(e))
+if state is not None:
     net.load_state_dict(state["net"])
     if text_enc is not None:
         text_enc.load_state_dict(state["text_enc"])
@@ -276,7 +270,7 @@ def get_lr(it: int) -> float:
 
 
 def checkpoint():
-    atomic_save({"net": net.state_dict(), "text_enc": text_enc.state_dict() if text_enc is not None else None,
+    save_state({"net": net.state_dict(), "text_enc": text_enc.state_dict() if text_enc is not None else None,
                  "optimizer": optimizer.state_dict(), "ema": ema_params, "step": step, "config": config}, state_path)
     export(net, text_enc, ema_params, step)
 

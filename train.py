@@ -21,10 +21,11 @@ gives each row its own context instead). Computing it once and copying the KV ca
 the (N-1)/N duplicate work; on the world it is a few ms and the batched form reads more simply.
 """
 
+import copy
 import json
-import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 
@@ -117,9 +118,9 @@ try:
 except (SetupError, ValueError) as e:
     die(str(e))
 planner, executor, text_enc = models["planner"], models["executor"], models["text_enc"]
-planner.model.float()
+reference = copy.deepcopy(executor).eval()  # the base executor as loaded, frozen, for the KL term
+planner.model.float()  # float32 master weights; the forwards run under autocast
 executor.float()
-reference = load_world(init_from, device)["executor"].eval()  # the base executor, for the KL term
 for p in list(text_enc.parameters()) + list(reference.parameters()):
     p.requires_grad_(False)
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -128,11 +129,11 @@ sigmas = Mod.ode_sigmas(sample_steps, sample_shift).tolist() + [0.0]  # sigma_0 
 C = executor.cfg.chunk_frames
 state_path = os.path.join(out_dir, "state.pt")
 it = 0
-if os.path.exists(state_path):
-    try:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"cannot resume from {state_path} ({type(e).__name__}); move it away to start afresh")
+try:
+    state = Mod.load_state(state_path, device)
+except Mod.CheckpointError as e:
+    die(str(e))
+if state is not None:
     planner.model.load_state_dict(state["planner"])
     executor.load_state_dict(state["executor"])
     p_opt.load_state_dict(state["p_opt"])
@@ -147,11 +148,9 @@ def save_checkpoint():
     os.makedirs(out_dir, exist_ok=True)
     state = {"planner": planner.model.state_dict(), "executor": executor.state_dict(), "p_opt": p_opt.state_dict(),
              "e_opt": e_opt.state_dict(), "iter": it, "config": config}
-    torch.save(state, state_path + ".tmp")
-    os.replace(state_path + ".tmp", state_path)
+    Mod.save_state(state, state_path)
     Mod.save_pretrained(executor, os.path.join(out_dir, "world_executor.safetensors"), extra={"iter": it},
                         state_dict={k: v.to(torch.bfloat16) for k, v in executor.state_dict().items()})
-    import shutil
     text = os.path.join(out_dir, "world_text_encoder.safetensors")  # frozen: the base's file as it is
     shutil.copyfile(os.path.join(init_from, "world_text_encoder.safetensors"), text + ".tmp")
     os.replace(text + ".tmp", text)
@@ -374,7 +373,6 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     # 3. rewards: an invalid plan gets 0, never a crash
     jobs = [(videos[r], batch[valid[r // N] // M], plans[r // N], int(switch[r])) for r in range(len(plans) * N)]
     scores = pool.map(judge, jobs, chunksize=4) if jobs else []
-    r_plan = torch.zeros(len(batch) * M)
     terms = {"plan_quality": torch.zeros(len(batch) * M), "temporal": torch.zeros(len(batch) * M)}
     for vi, i in enumerate(valid):
         terms["plan_quality"][i] = rewards.plan_quality(parsed[i][0], batch[i // M], world.T)
