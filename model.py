@@ -22,7 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import attention
+import attention as _attn
+
+# torch.compile (pretrain.py --compile) fuses the float32 norms and modulations around attention, but
+# it cannot trace the Triton kernel's autograd.Function: it calls the kernel as it is, between graphs.
+attention = torch.compiler.disable(_attn.attention)
 
 # -----------------------------------------------------------------------------
 # config

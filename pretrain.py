@@ -42,11 +42,11 @@ out_dir = "checkpoints"   # exported weights and the resumable state go here
 device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0
 max_steps = 20000         # stop at this many optimizer steps ...
-max_minutes = 8.0         # ... or after this much wall time, whichever comes first
+max_minutes = 8.0         # ... or after this much training time (counted across resumes), whichever comes first
 batch_size = 32
 lr = 3e-4
 warmup = 300              # linear warm-up steps, then constant ...
-decay_lr = False          # ... or a cosine decay to min_lr at max_steps
+decay_lr = False          # ... or a cosine decay to min_lr by the end of the budget (max_steps or max_minutes)
 min_lr = 3e-5
 weight_decay = 0.01
 grad_clip = 1.0
@@ -55,6 +55,7 @@ ckpt_every = 1000         # steps between resumable checkpoints
 log_every = 50
 workers = 0               # processes rendering videos; 0 = all CPUs
 init_from = ""            # start from exported weights in this folder (no optimizer state), when out_dir has no state
+compile = False           # torch.compile the executor: fuses its many small float32 norm/modulation ops
 # executor
 executor_config = "world"         # a model.CONFIGS name
 global_caption_frac = 0.3         # clips captioned with the global instruction; the rest get step captions
@@ -186,6 +187,11 @@ def train_executor():
     return net, text_enc, params, ema_params, executor_loss
 
 
+def compiled(net):
+    """The same module, compiled (it shares parameters); state dicts come from the plain one."""
+    return torch.compile(net) if compile else net
+
+
 def export_executor(net, text_enc, ema_params, step):
     """Ship the EMA weights in bf16; the live weights keep training."""
     ema_of = {id(p): e for p, e in zip(params, ema_params)}
@@ -237,7 +243,7 @@ net, text_enc, params, ema_params, loss_fn = train_executor() if model == "execu
 export = export_executor if model == "executor" else export_planner
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
 state_path = os.path.join(out_dir, f"{model}_state.pt")
-step = 0
+step, minutes_before = 0, 0.0
 try:
     state = load_state(state_path, device)
 except CheckpointError as e:
@@ -249,8 +255,8 @@ if state is not None:
     optimizer.load_state_dict(state["optimizer"])
     for e, s in zip(ema_params or [], state["ema"] or []):
         e.copy_(s)
-    step = state["step"]
-    print(f"resumed {model} from step {step}")
+    step, minutes_before = state["step"], state.get("minutes", 0.0)
+    print(f"resumed {model} from step {step} ({minutes_before:.1f} minutes trained)")
 elif init_from:  # continue from exported weights, e.g. a run on another machine (fresh optimizer and EMA)
     if model == "executor":
         net.load_state_dict(read_state_dict(os.path.join(init_from, "world_executor.safetensors"))[0])
@@ -263,32 +269,38 @@ elif init_from:  # continue from exported weights, e.g. a run on another machine
     print(f"initialised {model} from {init_from}")
 
 
-def get_lr(it: int) -> float:
+def get_lr(it: int, minutes: float) -> float:
     if it < warmup or not decay_lr:
         return lr * min(1.0, (it + 1) / warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, max_steps - warmup))))
+    # how far through the budget: steps or time, whichever runs out first (a fixed-time run decays fully
+    # whatever the GPU's speed)
+    done = max((it - warmup) / max(1, max_steps - warmup), minutes / max_minutes)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def checkpoint():
     save_state({"net": net.state_dict(), "text_enc": text_enc.state_dict() if text_enc is not None else None,
-                 "optimizer": optimizer.state_dict(), "ema": ema_params, "step": step, "config": config}, state_path)
+                 "optimizer": optimizer.state_dict(), "ema": ema_params, "step": step, "minutes": minutes(),
+                 "config": config}, state_path)
     export(net, text_enc, ema_params, step)
 
 
+fwd = compiled(net) if model == "executor" else net
 n_params = sum(p.numel() for p in params)
 print(f"training the {model}: {n_params / 1e6:.2f} M parameters on {device}")
 data = batches(executor_example if model == "executor" else planner_example, step * batch_size)
 log = open(os.path.join(out_dir, f"{model}_log.jsonl"), "a")
 t0 = time.time()
+minutes = lambda: minutes_before + (time.time() - t0) / 60  # training time so far, across resumes
 bar = tqdm(total=max_steps, initial=step, desc=model)
 t_data = 0.0  # seconds spent waiting for data since the last log line
-while step < max_steps and (time.time() - t0) / 60 < max_minutes:
+while step < max_steps and minutes() < max_minutes:
     t1 = time.time()
     a, b = zip(*next(data))
     t_data += time.time() - t1
     for g in optimizer.param_groups:
-        g["lr"] = get_lr(step)
-    loss = loss_fn(net, text_enc, a, b)
+        g["lr"] = get_lr(step, minutes())
+    loss = loss_fn(fwd, text_enc, a, b)
     if not torch.isfinite(loss):  # skip the update, keep going, say so
         print(f"step {step}: non-finite loss, update skipped")
         log.write(json.dumps({"step": step, "skipped": "non-finite loss"}) + "\n")
@@ -306,7 +318,7 @@ while step < max_steps and (time.time() - t0) / 60 < max_minutes:
     bar.update(1)
     if step % log_every == 0:
         rec = {"step": step, "loss": loss.item(), "grad_norm": gnorm.item(), "lr": optimizer.param_groups[0]["lr"],
-               "minutes": (time.time() - t0) / 60, "data_wait_s": round(t_data, 3)}
+               "minutes": round(minutes(), 3), "data_wait_s": round(t_data, 3)}
         t_data = 0.0
         log.write(json.dumps(rec) + "\n")
         log.flush()
