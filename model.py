@@ -542,10 +542,18 @@ def tiny_text_encoder(vocab_size: int, d_model: int = 128, layers: int = 2, head
     return UMT5EncoderModel(cfg)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor onto `device`; to a GPU through pinned memory without waiting (a plain copy from
+    pageable memory waits for the GPU to finish all queued work first)."""
+    if device is None or torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def encode_text(encoder, tokenizer, prompts: list[str], text_len: int, device=None) -> torch.Tensor:
     """prompts -> (B, text_len, d_model) states, zeros past each prompt's real length (Wan pads that way)."""
     tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=text_len, return_tensors="pt")
-    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    ids, mask = to_device(tok["input_ids"], device), to_device(tok["attention_mask"], device)
     h = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, text_len, d_model)
     return h * mask[..., None].to(h.dtype)
 

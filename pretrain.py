@@ -78,7 +78,7 @@ config = configure(globals())
 import world  # noqa: E402
 from planner import PLAIN_SEP, format_plan, tiny_qwen3  # noqa: E402
 from model import (CONFIGS, CheckpointError, WanDiT, encode_text, load_state, read_state_dict,  # noqa: E402
-                   save_pretrained, save_safetensors, save_state, tiny_text_encoder)
+                   save_pretrained, save_safetensors, save_state, tiny_text_encoder, to_device)
 
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
@@ -156,7 +156,7 @@ def batches(example_fn, start: int, prefetch: int = 4):
 
 def executor_loss(net, text_enc, videos, captions):
     cfg = net.cfg
-    x0 = torch.from_numpy(np.stack(videos)).to(device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1  # (B, T, 3, H, W)
+    x0 = to_device(torch.from_numpy(np.stack(videos)), device).permute(0, 1, 4, 2, 3).float() / 127.5 - 1  # (B, T, 3, H, W)
     B, nf = x0.shape[:2]
     nc = nf // cfg.chunk_frames
     u = torch.rand(B, nc, device=device)
@@ -171,7 +171,8 @@ def executor_loss(net, text_enc, videos, captions):
     with autocast:
         unique = sorted(set(c for caps in captions for c in caps))  # encode each distinct caption once
         states = encode_text(text_enc, tokenizer, unique, cfg.text_len, device)  # (U, Lt, text_dim)
-        index = torch.tensor([[unique.index(c) for c in caps] for caps in captions], device=device)  # (B, chunks)
+        where = {c: j for j, c in enumerate(unique)}
+        index = to_device(torch.tensor([[where[c] for c in caps] for caps in captions]), device)  # (B, chunks)
         v = net(xt, 1000 * sigma, states[index])  # per-chunk prompts (B, chunks, Lt, text_dim) -> (B, T, 3, H, W)
     err = (v.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, T); the model predicts v = eps - x0
     noisy = (sigma > 0).float()  # clean context frames carry no target
@@ -301,13 +302,16 @@ while step < max_steps and minutes() < max_minutes:
     for g in optimizer.param_groups:
         g["lr"] = get_lr(step, minutes())
     loss = loss_fn(fwd, text_enc, a, b)
-    if not torch.isfinite(loss):  # skip the update, keep going, say so
-        print(f"step {step}: non-finite loss, update skipped")
-        log.write(json.dumps({"step": step, "skipped": "non-finite loss"}) + "\n")
-        step += 1
-        continue
     loss.backward()
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    # the one wait for the GPU in a step, after the backward is queued: a non-finite loss or gradient
+    # skips the update, and the run goes on and says so
+    if not torch.isfinite(gnorm):
+        print(f"step {step}: non-finite loss or gradient, update skipped")
+        log.write(json.dumps({"step": step, "skipped": "non-finite loss or gradient"}) + "\n")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        continue
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema_params is not None:
