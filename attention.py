@@ -24,6 +24,7 @@ Rows that see no key at all (only possible when Lk == 0) give output 0, not NaN,
 in both the kernel and the reference.
 """
 
+import contextlib
 import math
 import os
 
@@ -118,20 +119,35 @@ def attention_reference(q, k, v, *, q_offset=0, chunk=0, sink=0, window=0, scale
 # -----------------------------------------------------------------------------
 # autotuning
 
+# Loads go through tensor descriptors (Hopper's TMA copy engine, created on the
+# device) when every tensor of a launch allows it (16-byte aligned base and row
+# strides, unit stride along D), else through plain masked pointer loads. The
+# interpreter runs both. WS = Triton's automatic warp specialization of the main
+# key loop (a producer warp issues the TMA loads; needs TMA).
+def _cfg(bm, bn, stages, warps, ws=False, occ=1):
+    """OCC: programs of this config that fit on one multiprocessor at once
+    (registers and shared memory), used to size the forward's split-KV wave."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws, "OCC": occ}, num_stages=stages, num_warps=warps)
+
+
 if INTERPRET:
     # The interpreter runs every program of the grid in Python: benchmarking
     # configs would multiply test time, and big tiles would hide the
     # tile-boundary logic at test sizes. One small config, BLOCK_M != BLOCK_N
     # so that mixing up the two in the skipping logic shows up in tests.
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_stages=1, num_warps=1)]
+    _FWD_CONFIGS = _DKDV_CONFIGS = _DQ_CONFIGS = [_cfg(32, 16, 1, 1)]
 else:
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-                for bm in (64, 128) for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8)]
+    # Candidates measured on an H200 (README, kernel notes); 64x64 tiles on 4
+    # warps run two programs per multiprocessor, whose softmax and matmuls overlap.
+    _FWD_CONFIGS = [_cfg(128, 128, 2, 4, ws=True), _cfg(64, 64, 3, 4, occ=2), _cfg(64, 64, 2, 4, occ=2),
+                    _cfg(128, 64, 3, 8)]
+    _DKDV_CONFIGS = [_cfg(64, 128, 2, 8), _cfg(32, 128, 2, 8), _cfg(64, 64, 2, 4, occ=2)]  # BLOCK_N resident
+    _DQ_CONFIGS = [_cfg(128, 64, 3, 8), _cfg(128, 64, 2, 8), _cfg(64, 64, 2, 4, occ=2)]  # BLOCK_M resident
 
 # The mask parameters and lengths are in the key: the best tiles depend on how
 # many tiles are skipped or masked, so a cached choice is only reused for the
 # same problem (dtype is added to the key by Triton itself).
-_TUNE_KEY = ["Lq", "Lk", "q_offset", "chunk", "sink", "window", "HEAD_DIM", "DOT_PRECISION"]
+_TUNE_KEY = ["Lq", "Lk", "q_offset", "chunk", "sink", "window", "HEAD_DIM", "DOT_PRECISION", "TMA"]
 _SMEM_BUDGET = 227 * 1024  # H100/H200: at most 227 KB of shared memory per block
 
 
@@ -163,6 +179,10 @@ def _config_filter(resident_block, resident_len, streamed_block, streamed_len):
             # 8 warps on a 64x64 tile leave each warp too little work
             if res * stream < 128 * 64 and c.num_warps == 8:
                 continue
+            # warp specialization (forward only) splits TMA loads from the
+            # math: needs TMA and the single loop of the unmasked case
+            if c.kwargs["WS"] and (not args["TMA"] or args["chunk"] > 0):
+                continue
             kept.append(c)
         return kept or [min(configs, key=lambda c: (c.kwargs[resident_block], c.kwargs[streamed_block]))]
 
@@ -186,14 +206,35 @@ def _visible(pos, key, Lk, chunk, sink, window, CAUSAL: tl.constexpr, WINDOWED: 
 
 
 @triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. DOT_UPCAST multiplies in fp32 instead: only
-    set under the interpreter for bfloat16, whose tl.dot it does not support
-    (the products are the same: bf16 values are exact in fp32)."""
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b in fp32 (acc=None: a @ b). DOT_UPCAST multiplies in fp32
+    instead: only set under the interpreter for bfloat16, whose tl.dot it does
+    not support (the products are the same: bf16 values are exact in fp32)."""
     if DOT_UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _desc(X, L, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """A tensor descriptor over the (L, D) matrix at X (row stride `stride`,
+    unit stride along D) when TMA, else X itself."""
+    if TMA:
+        return tl.make_tensor_descriptor(X, shape=[L, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK, HEAD_DIM])
+    else:
+        return X
+
+
+@triton.jit
+def _rows(X, start, L, stride, stride_d, offs_r, offs_d, TMA: tl.constexpr):
+    """Rows [start, start + len(offs_r)) of the (L, D) matrix X (a descriptor
+    when TMA); rows >= L read as 0."""
+    if TMA:
+        return X.load([start, 0])
+    else:
+        rows = start + offs_r
+        return tl.load(X + rows[:, None] * stride + offs_d[None, :] * stride_d, mask=rows[:, None] < L, other=0.0)
 
 
 @triton.jit
@@ -218,60 +259,111 @@ def _tile_needs_mask(start_n, hi_first, hi_last, Lk, sink, window,
 
 
 @triton.jit
+def _key_ranges(hi_first, hi_last, sink, window, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tiles a query block visits, as four consecutive-in-order ranges
+    of tile starts: [0, sink_end) and [win_start, u_lo) masked, [u_lo, u_hi)
+    unmasked (every key visible to every row), [u_hi, hi_last) masked.
+    Without a window the first two are empty and u_lo = 0."""
+    full_end = (hi_first // BLOCK_N) * BLOCK_N  # keys below hi_first: seen by every row of the block
+    sink_end, win_start, u_lo = 0, 0, 0
+    if WINDOWED:
+        sink_end = tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, hi_last)
+        win_start = tl.maximum((tl.maximum(hi_first - window, 0) // BLOCK_N) * BLOCK_N, sink_end)
+        # right of the latest query's window start, so inside every row's window
+        u_lo = tl.maximum(tl.cdiv(tl.maximum(hi_last - window, 0), BLOCK_N) * BLOCK_N, win_start)
+    u_hi = tl.maximum(full_end, u_lo)
+    return sink_end, win_start, u_lo, u_hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
-               lo, hi, hi_first, hi_last, Lk, chunk, sink, window, qk_scale,
-               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax over the key tiles starting in [lo, hi)."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BN,)
-        kv_ok = cols[:, None] < Lk  # (BN, 1)
-        k = tl.load(K + cols[:, None] * skl + offs_d[None, :] * skd, mask=kv_ok, other=0.0)  # (BN, D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (BM, BN), log2 units
-        if _tile_needs_mask(start_n, hi_first, hi_last, Lk, sink, window, CAUSAL, WINDOWED, BLOCK_N):
-            vis = _visible(pos[:, None], cols[None, :], Lk, chunk, sink, window, CAUSAL, WINDOWED)
-            s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BM,)
-        # a row with nothing visible yet has m_new = -inf; subtract 0 instead so
-        # that exp2(-inf - (-inf)) = NaN never happens (p and alpha become 0)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])  # (BM, BN)
-        alpha = tl.math.exp2(m_i - m_safe)  # (BM,) rescales what was accumulated so far
+               lo, hi, Lk, chunk, sink, window, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
+               WS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over the key tiles starting in [lo, hi). Scores stay raw
+    (q.k); the scale (in log2 units) is applied inside the exponent, one FMA.
+    Masked scores are -1e30, not -inf: a row that has seen only masked keys so
+    far accumulates garbage with m = -1e30 * scale, which the first visible key
+    wipes out (alpha = 0), and every row sees at least one key."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+        k = _rows(K, start_n, Lk, skl, skd, offs_n, offs_d, TMA)  # (BN, D)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION, DOT_UPCAST)  # (BM, BN)
+        if MASKED:
+            vis = _visible(pos[:, None], (start_n + offs_n)[None, :], Lk, chunk, sink, window, CAUSAL, WINDOWED)
+            s = tl.where(vis, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (BM,) running max, log2 units
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # (BM, BN)
+        alpha = tl.math.exp2(m_i - m_new)  # (BM,) rescales what was accumulated so far
+        acc = acc * alpha[:, None]
+        v = _rows(V, start_n, Lk, svl, svd, offs_n, offs_d, TMA)  # (BN, D)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, DOT_UPCAST)  # (BM, D)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + cols[:, None] * svl + offs_d[None, :] * svd, mask=kv_ok, other=0.0)  # (BN, D)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)  # (BM, D)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _split_plan(n_tiles, n_kv, wave):
+    """Split-KV for the last, partial wave of query tiles (no mask only). With
+    n_tiles % wave tiles left over after full waves, each of those is cut into
+    n_split pieces of consecutive key tiles so that the pieces fill one wave;
+    a merge kernel combines them. Returns (n_whole, n_split): tiles [0, n_whole)
+    run whole, tile n_whole + i is pieces i * n_split + [0, n_split).
+    Mirrored on the host by _split_plan_host."""
+    n_tail = n_tiles % wave
+    n_split = tl.minimum(wave // tl.maximum(n_tail, 1), n_kv)
+    n_split = tl.where(n_tail == 0, 1, n_split)
+    n_whole = tl.where(n_split > 1, n_tiles - n_tail, n_tiles)
+    return n_whole, n_split
+
+
+def _split_plan_host(n_tiles, n_kv, wave):
+    n_tail = n_tiles % wave
+    n_split = 1 if n_tail == 0 else min(wave // n_tail, n_kv)
+    return (n_tiles - n_tail if n_split > 1 else n_tiles), n_split
 
 
 # -----------------------------------------------------------------------------
 # forward
 
-@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY,
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _config_filter("BLOCK_M", "Lq", "BLOCK_N", "Lk")})
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
-              sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sob, sol, soh, sod,
-              H, Lq, Lk, q_offset, chunk, sink, window, qk_scale,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid: (query blocks, B * H)
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+def _attn_fwd(Q, K, V, O, LSE, PartAcc, PartML,
+              sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sob, sol, soh, sod, sls,
+              H, BH, Lq, Lk, q_offset, chunk, sink, window, qk_scale, wave,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SPLIT: tl.constexpr,
+              TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr, OCC: tl.constexpr):
+    # 1-D grid over query tiles, m fastest (the programs that run together
+    # share K and V in L2); with SPLIT, pieces of the last wave's tiles follow
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    n_kv = tl.cdiv(Lk, BLOCK_N)
+    tile, kv_lo, kv_hi, piece = pid, 0, Lk, -1
+    if SPLIT:  # (selects, not branches: a branch here stops warp specialization)
+        n_whole, n_split = _split_plan(n_m * BH, n_kv, wave * OCC)
+        is_piece = pid >= n_whole
+        piece = tl.where(is_piece, pid - n_whole, -1)
+        part = tl.maximum(piece, 0) % n_split
+        tile = tl.where(is_piece, n_whole + tl.maximum(piece, 0) // n_split, pid)
+        kv_lo = tl.where(is_piece, (part * n_kv // n_split) * BLOCK_N, 0)
+        kv_hi = tl.where(is_piece, tl.minimum(((part + 1) * n_kv // n_split) * BLOCK_N, Lk), Lk)
+    bh = tile // n_m
+    m_blk = tile % n_m
+    if CAUSAL:  # longest rows first: the last wave is made of short ones
+        m_blk = n_m - 1 - m_blk
+    start_m = m_blk * BLOCK_M
     b = (bh // H).to(tl.int64)  # int64: batch offsets of a large cache overflow int32
     h = (bh % H).to(tl.int64)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    O += b * sob + h * soh
-    LSE += bh.to(tl.int64) * Lq
+    Qd = _desc(Q + b * sqb + h * sqh, Lq, sql, HEAD_DIM, BLOCK_M, TMA)
+    Kd = _desc(K + b * skb + h * skh, Lk, skl, HEAD_DIM, BLOCK_N, TMA)
+    Vd = _desc(V + b * svb + h * svh, Lk, svl, HEAD_DIM, BLOCK_N, TMA)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BM,) query rows
     offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     offs_d = tl.arange(0, HEAD_DIM)  # (D,)
-    row_ok = offs_m < Lq
-    q = tl.load(Q + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)  # (BM, D)
+    q = _rows(Qd, start_m, Lq, sql, sqd, tl.arange(0, BLOCK_M), offs_d, TMA)  # (BM, D)
     pos = q_offset + offs_m  # (BM,) absolute query positions
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
@@ -279,33 +371,91 @@ def _attn_fwd(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     # hi(p) grows with p, so the block's first and last valid query bound it
-    p_first = q_offset + start_m
-    p_last = q_offset + tl.minimum(start_m + BLOCK_M, Lq) - 1
-    hi_first, hi_last = Lk, Lk
+    hi_first, hi_last = kv_hi, kv_hi
     if CAUSAL:
-        hi_first = _hi(p_first, Lk, chunk)
-        hi_last = _hi(p_last, Lk, chunk)  # no query of the block sees a key >= hi_last
-    # key tiles to visit: the sink tiles [0, sink_end), then [win_start, hi_last).
-    # Without a window the first range is empty and the second starts at 0;
-    # with one, the window starts after the last sink tile (no tile twice).
-    sink_end, win_start = 0, 0
-    if WINDOWED:
-        sink_end = tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, hi_last)
-        win_start = tl.maximum((tl.maximum(hi_first - window, 0) // BLOCK_N) * BLOCK_N, sink_end)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
-                               0, sink_end, hi_first, hi_last, Lk, chunk, sink, window, qk_scale,
-                               CAUSAL, WINDOWED, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
-                               win_start, hi_last, hi_first, hi_last, Lk, chunk, sink, window, qk_scale,
-                               CAUSAL, WINDOWED, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+        hi_first = _hi(q_offset + start_m, Lk, chunk)
+        hi_last = _hi(q_offset + tl.minimum(start_m + BLOCK_M, Lq) - 1, Lk, chunk)  # no row sees a key >= hi_last
+    sink_end, win_start, u_lo, u_hi = _key_ranges(hi_first, hi_last, sink, window, WINDOWED, BLOCK_N)
+    u_lo = tl.maximum(u_lo, kv_lo)
+    u_hi = tl.maximum(u_hi, u_lo)
+    if WS:
+        # Triton 3.6 warp-specialises a kernel's only loop, with no branch in
+        # it: one loop over all key tiles, masked throughout (no mask only)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                                   kv_lo, kv_hi, Lk, chunk, sink, window, qk_scale,
+                                   True, CAUSAL, WINDOWED, TMA, True, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+    else:
+        if WINDOWED:
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                                       0, sink_end, Lk, chunk, sink, window, qk_scale,
+                                       True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                                       win_start, u_lo, Lk, chunk, sink, window, qk_scale,
+                                       True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                                   u_lo, u_hi, Lk, chunk, sink, window, qk_scale,
+                                   False, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                                   u_hi, hi_last, Lk, chunk, sink, window, qk_scale,
+                                   True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
 
-    seen = l_i > 0  # False only for rows that see no key: output 0, LSE +inf
-    l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]  # (BM, D)
-    # natural-log LSE; +inf makes exp(s - lse) = 0 in the backward for empty rows
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("inf"))  # (BM,)
-    tl.store(O + offs_m[:, None] * sol + offs_d[None, :] * sod, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + offs_m, lse, mask=row_ok)
+    # Stores under masks, not branches (a branch stops warp specialization):
+    # a piece of a split tile stores unnormalised partials for _attn_fwd_merge,
+    # a whole tile its output and LSE.
+    offs_r = tl.arange(0, BLOCK_M)
+    is_piece = (offs_r * 0 + piece) >= 0  # (BM,)
+    at = tl.maximum(piece, 0)
+    tl.store(PartAcc + at * (BLOCK_M * HEAD_DIM) + offs_r[:, None] * HEAD_DIM + offs_d[None, :], acc,
+             mask=is_piece[:, None])
+    tl.store(PartML + at * (2 * BLOCK_M) + offs_r, m_i, mask=is_piece)
+    tl.store(PartML + at * (2 * BLOCK_M) + BLOCK_M + offs_r, l_i, mask=is_piece)
+    # every valid row saw at least one key (Lk > 0), so l_i > 0
+    o = (acc / l_i[:, None]).to(O.dtype.element_ty)  # (BM, D)
+    lse = (m_i + tl.math.log2(l_i)) * _LN2  # (BM,) natural-log LSE for the backward
+    if WS:
+        # Triton 3.6 splits the warp-specialised tile into two 64-row halves and
+        # offsets `start_m + tl.arange(...)` twice in the second one: rows are
+        # addressed only through the descriptor and a scalar base here. Pieces
+        # write too; the merge overwrites their rows. LSE rows are padded.
+        _desc(O + b * sob + h * soh, Lq, sol, HEAD_DIM, BLOCK_M, TMA).store([start_m, 0], o)
+        tl.store(LSE + (bh.to(tl.int64) * sls + start_m) + offs_r, lse)
+    else:
+        row_ok = (offs_m < Lq) & ~is_piece
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, o, mask=row_ok[:, None])
+        tl.store(LSE + bh.to(tl.int64) * sls + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_merge(O, LSE, PartAcc, PartML, sob, sol, soh, sod, sls, H, Lq, n_m, n_whole, n_split,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Combine the n_split partial softmaxes of split tile n_whole + program_id."""
+    i = tl.program_id(0)
+    tile = n_whole + i
+    bh = tile // n_m
+    start_m = (tile % n_m) * BLOCK_M
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for part in range(n_split):
+        piece = i * n_split + part
+        m_p = tl.load(PartML + piece * (2 * BLOCK_M) + offs_r)  # (BM,)
+        l_p = tl.load(PartML + piece * (2 * BLOCK_M) + BLOCK_M + offs_r)  # (BM,)
+        acc_p = tl.load(PartAcc + piece * (BLOCK_M * HEAD_DIM) + offs_r[:, None] * HEAD_DIM + offs_d[None, :])
+        m_new = tl.maximum(m, m_p)
+        a, a_p = tl.math.exp2(m - m_new), tl.math.exp2(m_p - m_new)
+        acc = acc * a[:, None] + acc_p * a_p[:, None]
+        l = l * a + l_p * a_p
+        m = m_new
+    offs_m = start_m + offs_r
+    row_ok = offs_m < Lq
+    o = acc / l[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * sls + offs_m, (m + tl.math.log2(l)) * _LN2, mask=row_ok)
 
 
 # -----------------------------------------------------------------------------
@@ -328,157 +478,183 @@ def _attn_bwd_delta(O, DO, Delta, sob, sol, soh, sod, sdb, sdl, sdh, sdd, H, Lq,
     tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY,
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
+                lo, hi, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dK (unscaled) and dV over the query tiles starting in [lo, hi).
+    Query rows past Lq have lse = +inf, so their probabilities are exactly 0."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0  # (BM,)
+        q = _rows(Qd, start_m, Lq, sql, sqd, offs_m0, offs_d, TMA)  # (BM, D)
+        do = _rows(DOd, start_m, Lq, sdl, sdd, offs_m0, offs_d, TMA)  # (BM, D)
+        lse2 = tl.load(LSE + offs_m, mask=offs_m < Lq, other=float("inf")) * _LOG2E  # (BM,)
+        delta = tl.load(Delta + offs_m, mask=offs_m < Lq, other=0.0)  # (BM,)
+        sT = _dot(k, tl.trans(q), None, DOT_PRECISION, DOT_UPCAST)  # (BN, BM) raw scores
+        if MASKED:
+            needs = True
+            if WINDOWED:  # windows leave interior tiles unmasked: check per tile
+                hi_first = _hi(q_offset + start_m, Lk, chunk)
+                hi_last = _hi(q_offset + tl.minimum(start_m + BLOCK_M, Lq) - 1, Lk, chunk)
+                needs = _tile_needs_mask(start_n, hi_first, hi_last, Lk, sink, window, CAUSAL, WINDOWED, BLOCK_N)
+            if needs:
+                vis = _visible((q_offset + offs_m)[None, :], offs_n[:, None], Lk, chunk, sink, window,
+                               CAUSAL, WINDOWED)  # (BN, BM)
+                sT = tl.where(vis, sT, float("-inf"))
+        pT = tl.math.exp2(sT * qk_scale - lse2[None, :])  # (BN, BM) softmax probabilities, recomputed
+        dv = _dot(pT.to(do.dtype), do, dv, DOT_PRECISION, DOT_UPCAST)  # (BN, D)
+        dpT = _dot(v, tl.trans(do), None, DOT_PRECISION, DOT_UPCAST)  # (BN, BM)
+        dsT = pT * (dpT - delta[None, :])  # (BN, BM) gradient wrt the scaled scores
+        dk = _dot(dsT.to(q.dtype), q, dk, DOT_PRECISION, DOT_UPCAST)  # (BN, D)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _config_filter("BLOCK_N", "Lk", "BLOCK_M", "Lq")})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
                    sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
-                   sdb, sdl, sdh, sdd, sgb, sgl, sgh, sgd,
+                   sdb, sdl, sdh, sdd, sgb, sgl, sgh, sgd, sls,
                    H, Lq, Lk, q_offset, chunk, sink, window, qk_scale, scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr, OCC: tl.constexpr):
     """dK, dV for one key block, looping over the query blocks that can see it.
     Works on transposed scores (BN, BM), so dv = P^T dO and dk = dS^T Q need no
     transpose of P or dS. DK and DV share the strides sg* (both are fresh
-    contiguous tensors)."""
+    contiguous tensors). Keys past Lk load as zeros; their rows are not stored."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdb + h * sdh
+    Qd = _desc(Q + b * sqb + h * sqh, Lq, sql, HEAD_DIM, BLOCK_M, TMA)
+    DOd = _desc(DO + b * sdb + h * sdh, Lq, sdl, HEAD_DIM, BLOCK_M, TMA)
     DK += b * sgb + h * sgh
     DV += b * sgb + h * sgh
-    LSE += bh.to(tl.int64) * Lq
+    LSE += bh.to(tl.int64) * sls
     Delta += bh.to(tl.int64) * Lq
 
     offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,) key rows
     offs_m0 = tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, HEAD_DIM)  # (D,)
-    key_ok = offs_n[:, None] < Lk  # (BN, 1)
-    k = tl.load(K + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=key_ok, other=0.0)  # (BN, D)
-    v = tl.load(V + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=key_ok, other=0.0)  # (BN, D)
+    k = _rows(_desc(K + b * skb + h * skh, Lk, skl, HEAD_DIM, BLOCK_N, TMA), start_n, Lk, skl, skd,
+              tl.arange(0, BLOCK_N), offs_d, TMA)  # (BN, D)
+    v = _rows(_desc(V + b * svb + h * svh, Lk, svl, HEAD_DIM, BLOCK_N, TMA), start_n, Lk, svl, svd,
+              tl.arange(0, BLOCK_N), offs_d, TMA)  # (BN, D)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    # which queries can see a key of this block?
-    m_lo = 0
+    # which queries can see a key of this block? [m_lo, m_full) only some of
+    # its keys (masked), [m_full, m_hi) all of them
+    m_lo, m_full, m_hi = 0, 0, Lq
     if CAUSAL:
-        # p sees j iff p >= start of j's chunk; the block's first key is the strictest
-        m_lo = (tl.maximum((start_n // chunk) * chunk - q_offset, 0) // BLOCK_M) * BLOCK_M
-    m_hi = Lq
-    if WINDOWED:
-        # a non-sink key j stays in the window of p while hi(p) <= j + window,
-        # i.e. p < ((j + window) // chunk) * chunk -- unless Lk caps hi(p) first.
-        # The block's last key is the most lenient; any sink key lifts the bound.
+        # p sees j iff p >= start of j's chunk; the block's first key is the
+        # strictest, its last (valid) key the most lenient
         n_last = tl.minimum(start_n + BLOCK_N, Lk) - 1
-        win_hi = tl.maximum(((n_last + window) // chunk) * chunk - q_offset, 0)
-        bounded = (start_n >= sink) & (n_last + window < Lk)
-        m_hi = tl.where(bounded, tl.minimum(win_hi, Lq), Lq)
-
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + offs_m0  # (BM,)
-        row_ok = offs_m < Lq
-        q = tl.load(Q + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)  # (BM, D)
-        do = tl.load(DO + offs_m[:, None] * sdl + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)  # (BM, D)
-        # padded rows get lse = +inf so their probabilities are exactly 0
-        lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E  # (BM,)
-        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)  # (BM,)
-        sT = _dot(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (BN, BM)
-        hi_first, hi_last = Lk, Lk
-        if CAUSAL:
-            hi_first = _hi(q_offset + start_m, Lk, chunk)
-            hi_last = _hi(q_offset + tl.minimum(start_m + BLOCK_M, Lq) - 1, Lk, chunk)
-        if _tile_needs_mask(start_n, hi_first, hi_last, Lk, sink, window, CAUSAL, WINDOWED, BLOCK_N):
-            vis = _visible((q_offset + offs_m)[None, :], offs_n[:, None], Lk, chunk, sink, window,
-                           CAUSAL, WINDOWED)  # (BN, BM)
-            sT = tl.where(vis, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse2[None, :])  # (BN, BM) softmax probabilities, recomputed
-        dv += _dot(pT.to(do.dtype), do, DOT_PRECISION, DOT_UPCAST)  # (BN, D)
-        dpT = _dot(v, tl.trans(do), DOT_PRECISION, DOT_UPCAST)  # (BN, BM)
-        dsT = pT * (dpT - delta[None, :])  # (BN, BM) gradient wrt the scaled scores
-        dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION, DOT_UPCAST)  # (BN, D)
+        m_lo = (tl.maximum((start_n // chunk) * chunk - q_offset, 0) // BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.cdiv(tl.maximum((n_last // chunk) * chunk - q_offset, 0), BLOCK_M) * BLOCK_M,
+                            tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+        m_full = tl.maximum(m_full, m_lo)
+        if WINDOWED:
+            # a non-sink key j stays in the window of p while hi(p) <= j + window,
+            # i.e. p < ((j + window) // chunk) * chunk -- unless Lk caps hi(p) first.
+            # The block's last key is the most lenient; any sink key lifts the bound.
+            win_hi = tl.maximum(((n_last + window) // chunk) * chunk - q_offset, 0)
+            bounded = (start_n >= sink) & (n_last + window < Lk)
+            m_hi = tl.where(bounded, tl.minimum(win_hi, Lq), Lq)
+            m_full = m_hi  # all masked, tile by tile
+    dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
+                         m_lo, m_full, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
+                         True, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
+                         m_full, m_hi, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
+                         False, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
 
     dk *= scale  # scores are scale * q.k
+    key_ok = offs_n[:, None] < Lk
     tl.store(DK + offs_n[:, None] * sgl + offs_d[None, :] * sgd, dk.to(DK.dtype.element_ty), mask=key_ok)
     tl.store(DV + offs_n[:, None] * sgl + offs_d[None, :] * sgd, dv.to(DV.dtype.element_ty), mask=key_ok)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
-              lo, hi, hi_first, hi_last, Lk, chunk, sink, window, qk_scale,
-              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Accumulate dQ (unscaled) over the key tiles starting in [lo, hi)."""
+              lo, hi, Lk, chunk, sink, window, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dQ (unscaled) over the key tiles starting in [lo, hi). Keys
+    past Lk load as zeros: their dS multiplies a zero row of K."""
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BN,)
-        kv_ok = cols[:, None] < Lk  # (BN, 1)
-        k = tl.load(K + cols[:, None] * skl + offs_d[None, :] * skd, mask=kv_ok, other=0.0)  # (BN, D)
-        v = tl.load(V + cols[:, None] * svl + offs_d[None, :] * svd, mask=kv_ok, other=0.0)  # (BN, D)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (BM, BN)
-        if _tile_needs_mask(start_n, hi_first, hi_last, Lk, sink, window, CAUSAL, WINDOWED, BLOCK_N):
-            vis = _visible(pos[:, None], cols[None, :], Lk, chunk, sink, window, CAUSAL, WINDOWED)
+        k = _rows(K, start_n, Lk, skl, skd, offs_n, offs_d, TMA)  # (BN, D)
+        v = _rows(V, start_n, Lk, svl, svd, offs_n, offs_d, TMA)  # (BN, D)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION, DOT_UPCAST)  # (BM, BN) raw scores
+        if MASKED:
+            vis = _visible(pos[:, None], (start_n + offs_n)[None, :], Lk, chunk, sink, window, CAUSAL, WINDOWED)
             s = tl.where(vis, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])  # (BM, BN)
-        dp = _dot(do, tl.trans(v), DOT_PRECISION, DOT_UPCAST)  # (BM, BN)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])  # (BM, BN)
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION, DOT_UPCAST)  # (BM, BN)
         ds = p * (dp - delta[:, None])  # (BM, BN)
-        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST)  # (BM, D)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, DOT_UPCAST)  # (BM, D)
     return dq
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY,
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _config_filter("BLOCK_M", "Lq", "BLOCK_N", "Lk")})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
                  sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd,
-                 sdb, sdl, sdh, sdd, sgb, sgl, sgh, sgd,
+                 sdb, sdl, sdh, sdd, sgb, sgl, sgh, sgd, sls,
                  H, Lq, Lk, q_offset, chunk, sink, window, qk_scale, scale,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr, OCC: tl.constexpr):
     """dQ for one query block; visits exactly the key tiles the forward visited."""
-    start_m = tl.program_id(0) * BLOCK_M
+    m_blk = tl.program_id(0)
+    if CAUSAL:  # longest rows first
+        m_blk = tl.num_programs(0) - 1 - m_blk
+    start_m = m_blk * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdb + h * sdh
+    Kd = _desc(K + b * skb + h * skh, Lk, skl, HEAD_DIM, BLOCK_N, TMA)
+    Vd = _desc(V + b * svb + h * svh, Lk, svl, HEAD_DIM, BLOCK_N, TMA)
     DQ += b * sgb + h * sgh
-    LSE += bh.to(tl.int64) * Lq
+    LSE += bh.to(tl.int64) * sls
     Delta += bh.to(tl.int64) * Lq
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     offs_d = tl.arange(0, HEAD_DIM)  # (D,)
     row_ok = offs_m < Lq
-    q = tl.load(Q + offs_m[:, None] * sql + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)  # (BM, D)
-    do = tl.load(DO + offs_m[:, None] * sdl + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)  # (BM, D)
+    q = _rows(_desc(Q + b * sqb + h * sqh, Lq, sql, HEAD_DIM, BLOCK_M, TMA), start_m, Lq, sql, sqd,
+              tl.arange(0, BLOCK_M), offs_d, TMA)  # (BM, D)
+    do = _rows(_desc(DO + b * sdb + h * sdh, Lq, sdl, HEAD_DIM, BLOCK_M, TMA), start_m, Lq, sdl, sdd,
+               tl.arange(0, BLOCK_M), offs_d, TMA)  # (BM, D)
     lse2 = tl.load(LSE + offs_m, mask=row_ok, other=float("inf")) * _LOG2E  # (BM,)
     delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)  # (BM,)
     pos = q_offset + offs_m  # (BM,)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    p_first = q_offset + start_m
-    p_last = q_offset + tl.minimum(start_m + BLOCK_M, Lq) - 1
     hi_first, hi_last = Lk, Lk
     if CAUSAL:
-        hi_first = _hi(p_first, Lk, chunk)
-        hi_last = _hi(p_last, Lk, chunk)
-    sink_end, win_start = 0, 0
-    if WINDOWED:  # the same two ranges of key tiles as the forward
-        sink_end = tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, hi_last)
-        win_start = tl.maximum((tl.maximum(hi_first - window, 0) // BLOCK_N) * BLOCK_N, sink_end)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
-                   0, sink_end, hi_first, hi_last, Lk, chunk, sink, window, qk_scale,
-                   CAUSAL, WINDOWED, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
-                   win_start, hi_last, hi_first, hi_last, Lk, chunk, sink, window, qk_scale,
-                   CAUSAL, WINDOWED, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+        hi_first = _hi(q_offset + start_m, Lk, chunk)
+        hi_last = _hi(q_offset + tl.minimum(start_m + BLOCK_M, Lq) - 1, Lk, chunk)
+    # the same ranges of key tiles as the forward
+    sink_end, win_start, u_lo, u_hi = _key_ranges(hi_first, hi_last, sink, window, WINDOWED, BLOCK_N)
+    if WINDOWED:
+        dq = _dq_inner(dq, q, do, lse2, delta, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                       0, sink_end, Lk, chunk, sink, window, qk_scale,
+                       True, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse2, delta, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                       win_start, u_lo, Lk, chunk, sink, window, qk_scale,
+                       True, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                   u_lo, u_hi, Lk, chunk, sink, window, qk_scale,
+                   False, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+                   u_hi, hi_last, Lk, chunk, sink, window, qk_scale,
+                   True, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
 
     dq *= scale
     tl.store(DQ + offs_m[:, None] * sgl + offs_d[None, :] * sgd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -486,6 +662,31 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
 
 # -----------------------------------------------------------------------------
 # launchers and the autograd Function
+
+# Multiprocessors for the forward's split-KV plan (a wave is this times the
+# config's OCC programs): the GPU's own count unless set here (the tests set it
+# to exercise the split under the interpreter).
+WAVE_PROGRAMS = None
+
+
+def _wave(device):
+    if WAVE_PROGRAMS is not None:
+        return WAVE_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _tma_ok(*tensors):
+    """Can each (B, L, H, D) tensor be read through a TMA descriptor per (b, h)?"""
+    if not (INTERPRET or torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _scratch(size, alignment, stream):
+    """Global memory for the descriptors that the kernels build on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
 
 def _mask_constexprs(q, chunk, window):
     precision = FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32"  # only matters for fp32
@@ -497,11 +698,34 @@ def _flash_forward(q, k, v, q_offset, chunk, sink, window, scale):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D) contiguous
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # (B, H, Lq)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                    H, Lq, Lk, q_offset, chunk, sink, window, scale * math.log2(math.e),
-                    **_mask_constexprs(q, chunk, window))
+    max_m = max(c.kwargs["BLOCK_M"] for c in _attn_fwd.configs)
+    # (B, H, Lq) view of a buffer whose rows are padded to whole tiles
+    lse = torch.empty((B, H, triton.cdiv(Lq, max_m) * max_m), dtype=torch.float32, device=q.device)[..., :Lq]
+    split = chunk == 0  # split-KV balances the last wave; only for equal-cost tiles
+    wave = _wave(q.device)
+    pieces = wave * max(c.kwargs["OCC"] for c in _attn_fwd.configs) if split else 1  # at most one wave of them
+    part_acc = torch.empty((pieces, max_m, D), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((pieces, 2, max_m), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        n_tiles = triton.cdiv(Lq, meta["BLOCK_M"]) * B * H
+        if not split:
+            return (n_tiles,)
+        n_whole, n_split = _split_plan_host(n_tiles, triton.cdiv(Lk, meta["BLOCK_N"]), wave * meta["OCC"])
+        return (n_whole + (n_tiles - n_whole) * n_split,)
+
+    tma = _tma_ok(q, k, v, o)
+    triton.set_allocator(_scratch)  # per thread: the backward runs in autograd's own
+    _attn_fwd[grid](q, k, v, o, lse, part_acc, part_ml, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                    lse.stride(1), H, B * H, Lq, Lk, q_offset, chunk, sink, window, scale * math.log2(math.e), wave,
+                    SPLIT=split, TMA=tma, **_mask_constexprs(q, chunk, window))
+    if split:
+        bm, bn, occ = (_attn_fwd.best_config.kwargs[x] for x in ("BLOCK_M", "BLOCK_N", "OCC"))
+        n_m = triton.cdiv(Lq, bm)
+        n_whole, n_split = _split_plan_host(n_m * B * H, triton.cdiv(Lk, bn), wave * occ)
+        if n_whole < n_m * B * H:
+            _attn_fwd_merge[(n_m * B * H - n_whole,)](o, lse, part_acc, part_ml, *o.stride(), lse.stride(1), H, Lq, n_m,
+                                                      n_whole, n_split, HEAD_DIM=D, BLOCK_M=bm)
     return o, lse
 
 
@@ -517,12 +741,34 @@ def _flash_backward(do, q, k, v, o, lse, q_offset, chunk, sink, window, scale):
                                                   HEAD_DIM=D, BLOCK_M=64)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     mask_args = (H, Lq, Lk, q_offset, chunk, sink, window, scale * math.log2(math.e), scale)
-    constexprs = _mask_constexprs(q, chunk, window)
+    constexprs = dict(TMA=_tma_ok(q, k, v, do), **_mask_constexprs(q, chunk, window))
     grid_n = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)
-    _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *mask_args, **constexprs)
     grid_m = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    _attn_bwd_dq[grid_m](q, k, v, do, lse, delta, dq, *strides, *dq.stride(), *mask_args, **constexprs)
+    # dK/dV and dQ are independent: on two streams, each fills the other's last wave
+    side = _side_stream(q.device) if BWD_STREAMS and q.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        triton.set_allocator(_scratch)
+        _attn_bwd_dq[grid_m](q, k, v, do, lse, delta, dq, *strides, *dq.stride(), lse.stride(1), *mask_args,
+                             **constexprs)
+    triton.set_allocator(_scratch)
+    _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), lse.stride(1), *mask_args,
+                           **constexprs)
+    if side is not None:  # everything dQ's kernel touched was allocated on, and is freed after, this stream
+        torch.cuda.current_stream(q.device).wait_stream(side)
     return dq, dk, dv
+
+
+# Run the backward's two main kernels on two streams (see _flash_backward).
+BWD_STREAMS = True
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -569,7 +815,9 @@ def attention(q, k, v, *, q_offset: int = 0, chunk: int = 0, sink: int = 0, wind
         raise ValueError(f"unknown backend {choice!r}")
     if choice == "triton" and not kernel_supports(q, k, v):
         raise ValueError(f"the Triton kernel does not support {q.dtype} on {q.device} with D={q.shape[-1]}")
-    if q.shape[1] == 0 or k.shape[1] == 0:  # nothing to tile; the reference returns zeros
+    if choice == "triton" and not scale > 0:
+        raise ValueError(f"the Triton kernel needs scale > 0 (it takes row maxima of unscaled scores), got {scale}")
+    if q.shape[1] == 0 or k.shape[1] == 0 or not scale > 0:  # nothing to tile, or a scale the kernel refuses
         choice = "torch"
     if choice == "torch" or (choice == "auto" and not kernel_supports(q, k, v)):
         return attention_reference(q, k, v, q_offset=q_offset, chunk=chunk, sink=sink, window=window, scale=scale)

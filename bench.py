@@ -142,7 +142,8 @@ def check_kernel():
 
     dev = "cuda"
     H, D, S, c = heads, head_dim, frame_tokens, chunk_frames
-    cases = [("chunk vs 21-frame cache", c * S, 21 * S, 18 * S, c * S, 0, 0),
+    cases = [("chunk vs 21-frame cache", c * S, 21 * S, 18 * S, 0, 0, 0),  # inference: no mask, split-KV
+             ("chunk vs 21-frame, chunked", c * S, 21 * S, 18 * S, c * S, 0, 0),
              ("block-causal 21 frames", 21 * S, 21 * S, 0, c * S, 0, 0),
              ("LongLive window 21 frames", 21 * S, 21 * S, 0, c * S, 3 * S, 9 * S)]
     print(f"\nbf16 kernel vs float32 reference (fresh random inputs), on {torch.cuda.get_device_name()}")

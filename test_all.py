@@ -84,6 +84,49 @@ def test_kernel_matches_reference_fp32(name):
         assert grads[1][:, 40:].abs().max() == 0 and grads[2][:, 40:].abs().max() == 0
 
 
+@pytest.mark.parametrize("variant", ["pointer_loads", "split_kv", "warp_specialized_epilogue"])
+@pytest.mark.parametrize("name", ["full", "kv_cache_full", "block_causal", "sink_window_kv_cache"])
+def test_kernel_variants_match_reference(name, variant, monkeypatch):
+    """The paths the GPU takes for other shapes and tunings: plain pointer loads
+    instead of tensor descriptors, split-KV pieces of the last wave merged by a
+    second kernel (no mask only), and the warp-specialised forward's epilogue
+    (the interpreter runs its code without the specialisation)."""
+    if variant == "pointer_loads":
+        monkeypatch.setattr(A, "_tma_ok", lambda *t: False)
+    elif variant == "split_kv":  # waves that leave 2 of 8 / 4 of 4 tiles over, cut in 3 / 2 pieces
+        monkeypatch.setattr(A, "WAVE_PROGRAMS", {"full": 6, "kv_cache_full": 8}.get(name, 3))
+        if name in ("full", "kv_cache_full"):
+            assert A._split_plan_host(8 if name == "full" else 4, 4, A.WAVE_PROGRAMS) in ((6, 3), (0, 2))
+    else:
+        monkeypatch.setattr(A._attn_fwd, "configs", [A._cfg(32, 16, 1, 1, ws=name in ("full", "kv_cache_full"))])
+    B, H, Lq, Lk, D, q_offset, chunk, sink, window = CASES[name]
+    seed = 200 + list(CASES).index(name)
+    torch.manual_seed(seed)
+    q, k, v = _rand(B, Lq, H, D), _rand(B, Lk, H, D), _rand(B, Lk, H, D)
+    mask_kw = dict(q_offset=q_offset, chunk=chunk, sink=sink, window=window)
+    out, grads, ref, ref_grads = _kernel_and_reference(q, k, v, mask_kw, seed)
+    assert _max_err(out, ref) <= 1e-5
+    for g, rg in zip(grads, ref_grads):
+        assert _max_err(g, rg) <= 1e-5
+    _, lse = A._flash_forward(q.detach(), k.detach(), v.detach(), scale=D ** -0.5, **mask_kw)  # (B, H, Lq)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D ** -0.5  # (B, H, Lq, Lk)
+    s = s.masked_fill(~A.attention_mask(Lq, Lk, **mask_kw), float("-inf"))
+    assert _max_err(lse, torch.logsumexp(s, dim=-1)) <= 1e-5
+
+
+def test_split_plan_fills_one_wave():
+    """Split-KV pieces of the left-over tiles never exceed one wave, and every
+    key tile of a split tile belongs to exactly one piece."""
+    for n_tiles, n_kv, wave in [(444, 37, 132), (888, 74, 264), (8, 4, 3), (12, 256, 132), (264, 10, 132), (5, 1, 4)]:
+        n_whole, n_split = A._split_plan_host(n_tiles, n_kv, wave)
+        assert n_split >= 1 and n_whole <= n_tiles
+        assert (n_tiles - n_whole) * n_split <= wave or n_split == 1
+        assert n_split <= n_kv
+        parts = [(p * n_kv // n_split, (p + 1) * n_kv // n_split) for p in range(n_split)]
+        assert parts[0][0] == 0 and parts[-1][1] == n_kv and all(a < b for a, b in parts)
+    assert A._split_plan_host(444, 37, 132) == (396, 2)  # Wan chunk: 48 left-over tiles in halves
+
+
 def test_log_sum_exp_of_forward():
     torch.manual_seed(7)
     B, H, Lq, Lk, D = 1, 2, 30, 61, 16
@@ -229,6 +272,11 @@ def test_backend_dispatch_and_validation():
         A.attention(q, k, v, window=4)  # window without chunk
     with pytest.raises(ValueError):
         A.attention(q, k, v, backend="cuda")
+    # the kernel takes row maxima of unscaled scores: a scale <= 0 goes to the reference
+    assert not type(A.attention(q, k, v, chunk=5, scale=-0.5).grad_fn).__name__.startswith("_Flash")
+    torch.testing.assert_close(A.attention(q, k, v, scale=-0.5), A.attention_reference(q, k, v, scale=-0.5))
+    with pytest.raises(ValueError):
+        A.attention(q, k, v, scale=-0.5, backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
