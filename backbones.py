@@ -378,9 +378,9 @@ def init_random_(model: torch.nn.Module, device, std: float = 0.02):
         if hasattr(m, "inv_freq") and hasattr(m, "config"):
             with torch.device(device):
                 fresh = type(m)(m.config)
-            for k in ("inv_freq", "original_inv_freq"):
-                if isinstance(getattr(m, k, None), torch.Tensor):
-                    getattr(m, k).copy_(getattr(fresh, k))
+            for k in ("inv_freq", "original_inv_freq"):  # a buffer or a plain attribute, by version
+                if isinstance(getattr(fresh, k, None), torch.Tensor):
+                    setattr(m, k, getattr(fresh, k))
     return model
 
 

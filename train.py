@@ -118,6 +118,7 @@ offload = False           # frozen models wait in host memory and visit the GPU 
 random_weights = False    # benchmarks: every model built at full size with random weights, nothing read
 planner_layers = 36       # random_weights: the Qwen3-8B-shaped planner's depth
 stand_in_plans = False    # random-weight planners write no valid plan: roll out the instruction's own steps instead
+warmup = False            # benchmarks: first run the executor once at every attention shape (kernel tuning), untimed
 # -----------------------------------------------------------------------------
 from configurator import configure, die  # noqa: E402
 
@@ -224,6 +225,7 @@ def gathered(model):
     per layer per plan batch, not per token); shards again afterwards."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    mods = [m for m in mods if hasattr(m, "set_reshard_after_forward")]  # older torch: one gather per token
     for m in mods:
         m.set_reshard_after_forward(False, recurse=False)
     try:
@@ -534,17 +536,29 @@ def judge(args):
     return out
 
 
+judge_errors = []
+
+
+def judged(fn, *args) -> float:
+    """A judge's score; a judge that fails scores 0 and the failure is counted and logged, not fatal."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        judge_errors.append(f"{getattr(fn, '__name__', 'judge')}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return 0.0
+
+
 def judge_real(videos, jobs) -> list[dict]:
     """The Qwen3-VL judge on each whole video and its transition chunk, PickScore on that chunk's frames
     against the step that should start there."""
     scores = []
     with resident(vlm_judge.model, pick.model):
         for video, (_, instruction, plan, sw) in zip(videos, jobs):
-            out = {"temporal": vlm_judge.temporal_following(video, instruction)}
+            out = {"temporal": judged(vlm_judge.temporal_following, video, instruction)}
             if sw >= 0:
                 a, b = pixel_span(sw)
-                out["local"] = vlm_judge.local_step_following(video, (a, b), plan[0][0], plan[1][0])
-                out["aesthetic"] = pick.aesthetic(video[a:b], plan[1][0])
+                out["local"] = judged(vlm_judge.local_step_following, video, (a, b), plan[0][0], plan[1][0])
+                out["aesthetic"] = judged(pick.aesthetic, video[a:b], plan[1][0])
             scores.append(out)
     return scores
 
@@ -695,12 +709,32 @@ if not real:  # the world's judges run on the CPU, in worker processes
     from multiprocessing import get_context
     pool = get_context("fork").Pool(max(1, min(16, (os.cpu_count() or 2) // world_size)))
 if master and real:
-    n_par = lambda m: sum(p.numel() for p in m.parameters()) * (world_size if fsdp else 1)
+    n_par = lambda m: sum(p.numel() for p in m.parameters())  # an FSDP2 DTensor counts its whole shape
     print(f"{backbone}{' (random weights)' if random_weights else ''}: executor {n_par(executor) / 1e9:.2f} B, "
           f"planner {n_par(planner.model) / 1e9:.2f} B{' (FSDP2)' if fsdp else ''}, LLM judge {n_par(llm_judge.model) / 1e9:.2f} B, "
           f"VLM judge {n_par(vlm_judge.model) / 1e9:.2f} B, PickScore {n_par(pick.model) / 1e9:.2f} B, "
           f"text encoder {n_par(text_enc) / 1e9:.2f} B, VAE {n_par(vae) / 1e9:.3f} B; {world_size} rank(s), "
           f"{sampler} sampler with {len(sigmas) - 1} steps a chunk, {T} latent frames of {frame_shape}")
+if warmup:  # every attention shape of the iteration once, so kernel autotuning is not inside the timings
+    t_w = time.time()
+    ph, pw = executor.cfg.patch_size[1:]
+    L, D = executor.cfg.text_len, executor.cfg.text_dim
+    cache = Mod.KVCache(executor.cfg, 1, (frame_shape[1] // ph) * (frame_shape[2] // pw), T, device=device,
+                        dtype=torch.bfloat16 if cuda else torch.float32)
+    with torch.no_grad(), autocast:
+        for j in range(T // C):  # a chunk against its growing cache
+            executor(torch.randn(1, C, *frame_shape, device=device), torch.full((1, C), 500.0, device=device),
+                     torch.zeros(1, L, D, device=device), cache=cache, start_frame=j * C)
+    del cache
+    for j in range(1, T // C):  # the update's block-causal forward and backward, for each transition chunk
+        with autocast:
+            v = executor(torch.randn(1, (j + 1) * C, *frame_shape, device=device), torch.zeros(1, (j + 1) * C, device=device),
+                         torch.zeros(1, j + 1, L, D, device=device))
+        v.float().square().mean().backward()
+    executor.zero_grad(set_to_none=True)
+    sync()
+    if master:
+        print(f"warm-up (kernel tuning at every attention shape): {time.time() - t_w:.1f} s", flush=True)
 sync()
 peak_gb()
 t_start = time.time()
@@ -746,7 +780,7 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
         for vi, i in enumerate(valid):
             if parsed[i][0] is None:  # a stand-in plan was rolled out: the planner still earns nothing
                 continue
-            terms["plan_quality"][i] = (llm_judge.plan_quality(parsed[i][0], batch[i // M], T) if real else
+            terms["plan_quality"][i] = (judged(llm_judge.plan_quality, parsed[i][0], batch[i // M], T) if real else
                                         rewards.plan_quality(parsed[i][0], batch[i // M], T))
             terms["temporal"][i] = float(np.mean([scores[vi * N + n]["temporal"] for n in range(N)]))
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
@@ -803,6 +837,10 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
            "rollouts_per_s": round(rollouts / (t4 - t0), 3), "minutes": round((time.time() - t_start) / 60, 2)}
     if real:
         rec["t_decode"] = round(t_decode, 2)
+        rec["judge_errors"] = len(judge_errors)
+        if judge_errors and master:
+            print(f"{len(judge_errors)} judge call(s) failed and scored 0; the first: {judge_errors[0]}", flush=True)
+        judge_errors.clear()
     if cuda:
         rec["peak_gb"] = [round(float(x), 1) for x in per_rank[:, 1:].max(1).values]  # per rank, the iteration's peak
         rec["phase_peak_gb"] = {k: round(float(per_rank[:, c].max()), 1)
@@ -829,6 +867,14 @@ if master:
     if save_checkpoints:
         reward_curve(os.path.join(out_dir, "rewards.png"), log_path)
     print(f"tempact: {it} iterations" + (f", exported to {out_dir}" if save_checkpoints else ""))
+if master and real and cuda and random_weights:  # the plan computed from these models' shapes, next to what was measured
+    ph, pw = executor.cfg.patch_size[1:]
+    sizes = {"executor": n_par(executor), "planner": n_par(planner.model), "llm_judge": n_par(llm_judge.model),
+             "vlm_judge": n_par(vlm_judge.model), "pickscore": n_par(pick.model), "text_encoder": n_par(text_enc),
+             "vae": n_par(vae)}
+    backbones.memory_plan(world_size, torch.cuda.get_device_properties(device).total_memory / 1e9, sizes, M, N,
+                          instructions, rollout_rows or M * N, T, (frame_shape[1] // ph) * (frame_shape[2] // pw),
+                          plan_tokens, offload=offload)
 if ddp:
     dist.destroy_process_group()
 if pool is not None:

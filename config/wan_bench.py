@@ -24,3 +24,4 @@ grad_ckpt = True
 max_iters = 1
 save_checkpoints = False
 out_dir = "out-wan-bench"
+warmup = True             # kernel tuning at every attention shape before the timed iteration
