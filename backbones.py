@@ -254,3 +254,227 @@ def load_backbone(cfg: dict, device="cpu", dtype=torch.bfloat16, source: str = "
 
 def first_line(e: Exception) -> str:
     return (str(e).splitlines() or [""])[0][:200]
+
+
+# -----------------------------------------------------------------------------
+# full-size models with random weights: benchmarks and memory plans need no download
+# (shapes from the public config.json files; the weights are random, so nothing they judge or plan means anything)
+
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+QWEN3_VL_8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                          spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+                          num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+QWEN3_VL_8B_TEXT = {**QWEN3_8B, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                                    "mrope_interleaved": True}}
+CLIP_VIT_H14 = dict(  # PickScore_v1 is a fine-tuned CLIP ViT-H/14 (laion2B)
+    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=1024)
+
+# Qwen's chat format, enough of it for the planner and judges: role headers, the video placeholder, thinking off
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>", "<think>", "</think>"]
+
+
+def random_tokenizer(vocab_size: int = 2000, clip: bool = False):
+    """A byte-level BPE learnt from the project's own prompt texts (plan prompt, judge prompts, world sentences),
+    with Qwen's special tokens and chat template: token counts near a real tokenizer's, any text encodable.
+    clip=True: CLIP's framing instead (<|startoftext|> ... <|endoftext|>, pooled at the end token)."""
+    import random as _random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import planner
+    import rewards
+    import world
+    rng = _random.Random(0)
+    corpus = [planner.PLAN_PROMPT, rewards.PLAN_QUALITY_PROMPT, rewards.TEMPORAL_FOLLOWING_PROMPT,
+              rewards.LOCAL_STEP_PROMPT] + [world.sample_instruction(rng, rng.randint(1, 4)) for _ in range(300)]
+    corpus += [planner.format_plan(world.ground_truth_plan(world.sample_instruction(rng, 2))) for _ in range(100)]
+    specials = ["<|startoftext|>"] + QWEN_SPECIALS if clip else QWEN_SPECIALS
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus * 3, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if clip:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>",
+            special_tokens=[(t, tk.token_to_id(t)) for t in ("<|startoftext|>", "<|endoftext|>")])
+        return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   additional_special_tokens=QWEN_SPECIALS[1:], chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def qwen3_config(tokenizer, layers: int = 36):
+    """Qwen3-8B's shape (8.19 B parameters at 36 layers), with this tokenizer's special ids."""
+    from transformers import Qwen3Config
+    return Qwen3Config(**{**QWEN3_8B, "num_hidden_layers": layers}, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+
+
+def qwen3_vl_processor(tokenizer):
+    """Qwen3-VL's processor (16 px patches, 2x2 merge, frame pairs) around this tokenizer."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    return Qwen3VLProcessor(Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2), tokenizer,
+                            Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+                            chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def qwen3_vl_config(tokenizer):
+    """Qwen3-VL-8B's shape (8.77 B parameters), with this tokenizer's vision token ids."""
+    from transformers import Qwen3VLConfig
+    ids = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(f"<|{v}|>") for k, v in
+           [("image", "image_pad"), ("video", "video_pad"), ("vision_start", "vision_start"), ("vision_end", "vision_end")]}
+    return Qwen3VLConfig(text_config={**QWEN3_VL_8B_TEXT, "pad_token_id": tokenizer.pad_token_id},
+                         vision_config=QWEN3_VL_8B_VISION, tie_word_embeddings=False, **ids)
+
+
+def clip_processor(tokenizer):
+    from transformers import CLIPImageProcessor, CLIPProcessor
+    return CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}), tokenizer)
+
+
+def clip_config(tokenizer):
+    from transformers import CLIPConfig
+    text = {**CLIP_VIT_H14["text_config"], "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    return CLIPConfig(**{**CLIP_VIT_H14, "text_config": text})
+
+
+def build(cls, config, device, dtype):
+    """A transformers model built straight on `device` (its random init runs there, not on the CPU); meta: no memory."""
+    with torch.device(device):
+        return cls._from_config(config, dtype=dtype)
+
+
+@torch.no_grad()
+def init_random_(model: torch.nn.Module, device, std: float = 0.02):
+    """Memory on `device` and random weights for a model built on the meta device (or its FSDP2 shards):
+    normal(0, std) matrices, zero biases, unit gains; buffers that are computed, not learnt (RoPE frequencies),
+    computed again."""
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)
+    for m in model.modules():
+        if hasattr(m, "inv_freq") and hasattr(m, "config"):
+            with torch.device(device):
+                fresh = type(m)(m.config)
+            for k in ("inv_freq", "original_inv_freq"):  # a buffer or a plain attribute, by version
+                if isinstance(getattr(fresh, k, None), torch.Tensor):
+                    setattr(m, k, getattr(fresh, k))
+    return model
+
+
+def random_backbone(executor_config: str, device, dtype=torch.bfloat16, vae_config: str = "wan2.1"):
+    """Executor, umT5-XXL encoder (and a tokenizer), Wan VAE: full size, random, built on `device`."""
+    from transformers import UMT5EncoderModel
+
+    import vae as V
+    with torch.device(device):
+        executor = M.WanDiT(M.CONFIGS[executor_config]).to(dtype).eval()
+        net = V.WanVAE(V.VAE_CONFIGS[vae_config]).to(dtype).eval().requires_grad_(False)
+    return {"executor": executor, "text_encoder": build(UMT5EncoderModel, umt5_config(), device, dtype).eval(),
+            "tokenizer": random_tokenizer(), "vae": net}
+
+
+# -----------------------------------------------------------------------------
+# the memory plan of one TempAct iteration at Wan scale, per GPU, from the models' shapes
+
+GB = 1e9
+
+
+def model_sizes(planner_layers: int = 36) -> dict:
+    """Parameter counts of every model of the Wan-scale setup, counted on the meta device."""
+    from transformers import CLIPModel, Qwen3ForCausalLM, Qwen3VLForConditionalGeneration, UMT5EncoderModel
+
+    import vae as V
+    tok = random_tokenizer(vocab_size=600)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):
+        sizes = {"executor": count(M.WanDiT(M.CONFIGS["wan-1.3b"])), "vae": count(V.WanVAE(V.VAE_CONFIGS["wan2.1"]))}
+    meta = lambda cls, cfg: count(build(cls, cfg, "meta", torch.bfloat16))
+    sizes["planner"] = meta(Qwen3ForCausalLM, qwen3_config(tok, planner_layers))
+    sizes["llm_judge"] = meta(Qwen3ForCausalLM, qwen3_config(tok))
+    sizes["vlm_judge"] = meta(Qwen3VLForConditionalGeneration, qwen3_vl_config(tok))
+    sizes["pickscore"] = meta(CLIPModel, clip_config(random_tokenizer(vocab_size=600, clip=True)))
+    sizes["text_encoder"] = meta(UMT5EncoderModel, umt5_config())
+    return sizes
+
+
+def memory_plan(gpus: int, gpu_gb: float, sizes: dict, M_plans: int = 4, N_rows: int = 4, instructions: int = 1,
+                rollout_rows: int = 2, latent_frames: int = 21, frame_tokens: int = 1560, plan_tokens: int = 256,
+                prompt_tokens: int = 450, vlm_tokens: int = 6240, offload: bool = False, out=print) -> dict:
+    """Bytes per GPU of one TempAct iteration at Wan scale: each model's parameters, gradients and AdamW
+    states, the rollout's KV cache, the update's activations, and the peak of each phase. The executor is
+    replicated (DDP-style) with float32 master weights, gradients and AdamW states; the planner is sharded
+    with FSDP2 over `gpus` (float32 shards, bf16 compute); frozen models are bf16 replicas, on the GPU
+    throughout, or (offload) only during their phase. Returns {phase: GB}."""
+    cfg = M.CONFIGS["wan-1.3b"]
+    Pe, Pp = sizes["executor"], sizes["planner"]
+    L = latent_frames * frame_tokens                                   # tokens of a whole video: 32760
+    rows = {  # name: (params, grads, optimizer, activations, kv cache) in bytes
+        "executor (trained, replicated)": (4 * Pe, 4 * Pe, 8 * Pe, 0, 0),
+        "reference executor (frozen)": (2 * Pe, 0, 0, 0, 0),
+        f"planner (FSDP2 / {gpus})": (4 * Pp / gpus, 4 * Pp / gpus, 8 * Pp / gpus, 0, 0),
+        "LLM judge (plan quality)": (2 * sizes["llm_judge"], 0, 0, 0, 0),
+        "VLM judge": (2 * sizes["vlm_judge"], 0, 0, 0, 0),
+        "PickScore": (2 * sizes["pickscore"], 0, 0, 0, 0),
+        "umT5-XXL text encoder": (2 * sizes["text_encoder"], 0, 0, 0, 0),
+        "Wan VAE": (2 * sizes["vae"], 0, 0, 0, 0),
+    }
+    # transient pieces, each alive in one phase only
+    kv_rollout = rollout_rows * cfg.num_layers * L * 2 * cfg.dim * 2           # global cache, bf16 keys + values
+    planner_full = 2 * Pp                                                    # the bf16 planner gathered for generation
+    q = sizes.get("planner_kv_heads", 8) * 128
+    kv_plan = instructions * M_plans * (prompt_tokens + plan_tokens) * 36 * 2 * q * 2
+    # the update, one row at a time with per-block recomputation: the fp32 residual saved at every block,
+    # plus one block's working set (bf16 q, k, v, o, attention, modulated inputs; fp32 norms; FFN hidden)
+    act_update = cfg.num_layers * L * cfg.dim * 4 + L * (cfg.dim * 40 + cfg.ffn_dim * 4)
+    logits = instructions * M_plans * (plan_tokens + 1) * 151936 * 4 * 3   # GSPO: fp32 logits, log-softmax, grad
+    act_judge = vlm_tokens * 36 * 2 * q * 2 + vlm_tokens * 4096 * 2 * 8    # VLM: its KV cache and working set
+    vae_decode = rollout_rows * 96 * 4 * 480 * 832 * 2 * 6                   # full-resolution 96-channel maps
+    frozen_judges = ["LLM judge (plan quality)", "VLM judge", "PickScore"]
+    total = lambda name: sum(rows[name])
+    always = [n for n in rows if not offload or (n not in frozen_judges and not n.startswith("umT5"))]
+    base = sum(total(n) for n in always) - (rows["executor (trained, replicated)"][1]
+                                             + rows[f"planner (FSDP2 / {gpus})"][1])  # gradients: update only
+    extra = lambda names: sum(total(n) for n in names if n not in always)
+    phases = {
+        "planning": base + planner_full + kv_plan,
+        "rollout": base + extra(["umT5-XXL text encoder"]) + kv_rollout,
+        "judging": base + extra(frozen_judges) + max(act_judge, vae_decode),
+        "update": base + rows["executor (trained, replicated)"][1] + rows[f"planner (FSDP2 / {gpus})"][1]
+        + max(act_update, logits),
+    }
+    out(f"\nmemory per GPU, one TempAct iteration at Wan scale on {gpus} GPUs of {gpu_gb:.0f} GB "
+        f"(M={M_plans} plans x N={N_rows} continuations per instruction, {instructions} instruction(s) per GPU, "
+        f"{latent_frames} latent frames of {frame_tokens} tokens; frozen models {'offloaded between phases' if offload else 'resident'})")
+    out(f"{'component':34s} {'params':>8s} {'grads':>8s} {'optim':>8s} {'activ':>8s} {'KV':>8s} {'total':>8s}   (GB)")
+    for name, r in rows.items():
+        out(f"{name:34s} " + " ".join(f"{x / GB:8.2f}" for x in r) + f" {sum(r) / GB:8.2f}")
+    out(f"{'rollout KV cache (' + str(rollout_rows) + ' rows at a time)':34s} {'':>8s} {'':>8s} {'':>8s} {'':>8s} {kv_rollout / GB:8.2f}")
+    out(f"{'planner gathered for generation':34s} {planner_full / GB:8.2f} {'':>8s} {'':>8s} {'':>8s} {kv_plan / GB:8.2f}")
+    out(f"{'executor update, per row':34s} {'':>8s} {'':>8s} {'':>8s} {act_update / GB:8.2f}")
+    out(f"{'judging (VLM / VAE decode)':34s} {'':>8s} {'':>8s} {'':>8s} {max(act_judge, vae_decode) / GB:8.2f}")
+    out("phase peaks: " + ", ".join(f"{k} {v / GB:.1f}" for k, v in phases.items())
+        + f"  -> {'fits' if max(phases.values()) < 0.92 * gpu_gb * GB else 'does NOT fit'} in {gpu_gb:.0f} GB")
+    return {k: v / GB for k, v in phases.items()}

@@ -5,6 +5,8 @@ against references measured in the same run, with the GPU named.
     python bench.py --kernel          # our Triton attention vs cuDNN SDPA, flash SDPA, FlexAttention
     python bench.py --kernel --check  # also max relative errors of output and gradients at Wan shapes
     python bench.py --quality         # the paper's Table 1 on the shapes world's held-out benchmark
+    python bench.py --scaling         # train.py's rollouts per second on 1, 2 and 4 GPUs (torchrun), and the efficiency
+    python bench.py --memory          # the per-GPU memory plan of one Wan-scale TempAct iteration (8x H100 80 GB)
 """
 
 import json
@@ -33,9 +35,18 @@ sample_steps = 10         # the world executor's Euler steps per chunk
 smoothing = "none"                    # prompt smoothing for rows without a train.py config.json: none | ramp
 seed = 0                              # generation seed (the benchmark sets themselves are fixed data)
 device = "cuda" if torch.cuda.is_available() else "cpu"
+# scaling (train.py on the world, weak scaling: every rank its own `instructions`)
+gpus = "1,2,4"            # process counts to run
+scaling_iters = 5         # iterations per run ...
+warmup_iters = 2          # ... the first of which (kernel tuning, first allocations) are not counted
+scaling_out = "out-scaling"
+scaling_args = ""         # more train.py flags, e.g. "--instructions=4"
+# memory
+mem_gpus = 8              # the plan's GPUs ...
+mem_gpu_gb = 80.0         # ... and their memory (H100 80 GB)
 # -----------------------------------------------------------------------------
-for a in list(sys.argv[1:]):  # `--kernel`, `--check`, `--quality` are shorthands for --mode=..., --check=True
-    if a in ("--kernel", "--quality"):
+for a in list(sys.argv[1:]):  # `--kernel`, `--check`, `--quality`, ... are shorthands for --mode=..., --check=True
+    if a in ("--kernel", "--quality", "--scaling", "--memory"):
         sys.argv.remove(a)
         mode = a[2:]
     elif a == "--check":
@@ -249,8 +260,57 @@ def bench_quality():
         print(f"{k}: {v:.2f}")
 
 
+def bench_scaling():
+    """Weak scaling of train.py on the world: `torchrun --nproc_per_node=K` for each K, each rank its own
+    instructions; rollouts per second from log.jsonl over the iterations after the warm-up ones, against K
+    times the one-process figure of the same run."""
+    import subprocess
+    rows = []
+    for k in [int(x) for x in gpus.split(",")]:
+        out = os.path.join(scaling_out, f"gpus{k}")
+        if os.path.exists(os.path.join(out, "log.jsonl")):
+            os.remove(os.path.join(out, "log.jsonl"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={k}", "train.py",
+               f"--out_dir={out}", f"--max_iters={scaling_iters}", "--save_checkpoints=False", f"--device={device}",
+               *scaling_args.split()]
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{k} GPU(s) failed: " + r.stderr[-1500:])
+            continue
+        log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][warmup_iters:]
+        secs = sum(x["t_plan"] + x["t_rollout"] + x["t_judge"] + x["t_update"] for x in log)
+        phases = {p: sum(x[f"t_{p}"] for x in log) / len(log) for p in ("plan", "rollout", "judge", "update")}
+        rows.append((k, sum(x["rollouts"] for x in log) / len(log), secs / len(log), sum(x["rollouts"] for x in log) / secs,
+                     phases, {t: sum(x[t] for x in log) / len(log) for t in ("r_temporal", "r_local")}))
+        print(f"  {k} GPU(s): {rows[-1][3]:.2f} rollouts/s over {len(log)} timed iterations ({rows[-1][2]:.2f} s each), "
+              f"{time.time() - t0:.0f} s with start-up", flush=True)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\ntrain.py on the shapes world, weak scaling ({scaling_args or 'default config'}), {scaling_iters} iterations "
+          f"per run of which the first {warmup_iters} are not timed, on {name}")
+    print(f"{'GPUs':>4s} {'rollouts/iter':>13s} {'s/iter':>7s} {'rollouts/s':>10s} {'speed-up':>8s} {'efficiency':>10s}   "
+          f"{'plan':>5s} {'rollout':>7s} {'judge':>5s} {'update':>6s} (s)   temporal  local")
+    for k, per_iter, s_iter, rps, ph, r in rows:
+        one = rows[0][3] / rows[0][0]  # rollouts/s per GPU of the first row
+        print(f"{k:4d} {per_iter:13.0f} {s_iter:7.2f} {rps:10.2f} {rps / rows[0][3]:8.2f} {rps / (k * one):10.2f}   "
+              f"{ph['plan']:5.2f} {ph['rollout']:7.2f} {ph['judge']:5.2f} {ph['update']:6.2f}       {r['r_temporal']:.3f}  {r['r_local']:.3f}")
+    print("(speed-up = rollouts/s over the first row's; efficiency = rollouts/s / (GPUs x the first row's per GPU))")
+
+
+def bench_memory():
+    """The memory plan per GPU of one Wan-scale iteration (config/wan_bench.py's setup), from the model shapes."""
+    import backbones
+    sizes = backbones.model_sizes()
+    for off in (False, True):
+        backbones.memory_plan(mem_gpus, mem_gpu_gb, sizes, offload=off)
+
+
 if __name__ == "__main__":
-    if mode == "kernel":
+    if mode == "scaling":
+        bench_scaling()
+    elif mode == "memory":
+        bench_memory()
+    elif mode == "kernel":
         if check:
             check_kernel()
         bench_kernel()

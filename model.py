@@ -70,6 +70,8 @@ CONFIGS = {
     # for tests: 0.1 M parameters
     "tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32,
                         text_dim=32, text_len=8, in_dim=4, out_dim=4),
+    # for tests of the real-backbone path: Wan's 16 latent channels, a 16-wide text encoder
+    "tiny-wan": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8),
 }
 
 

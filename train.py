@@ -4,8 +4,8 @@ instructions. One iteration, for each instruction of the batch (SPEC "The TempAc
 
   1. the planner samples M plans (the planning group), keeping their token log-probs;
   2. per plan, the executor streams the shared context up to the first prompt switch, then N
-     continuations (the execution group): the first transition chunk is sampled with Flow-GRPO's
-     SDE and its per-step log-probs are recorded, the rest runs to the end of the video;
+     continuations (the execution group): the first transition chunk's denoising steps are sampled
+     from the policy's Gaussian and their log-probs recorded, the rest runs to the end of the video;
   3. rewards: plan quality + temporal following (mean over the N continuations) for the planner;
      local step following + aesthetic on the transition chunk for the executor;
   4. GSPO for the planner (advantages within the M plans); Flow-GRPO for the executor on the
@@ -14,20 +14,34 @@ instructions. One iteration, for each instruction of the batch (SPEC "The TempAc
     python train.py                                            # the shapes world, one GPU or the CPU
     torchrun --standalone --nproc_per_node=4 train.py          # K GPUs: each rank its own instructions
     python train.py --train_planner=False --out_dir=out-noplanner   # an ablation
+    torchrun --nproc_per_node=8 train.py config/selfforcing.py --planner_path=Qwen3-8B --judge_vlm=Qwen3-VL-8B-Instruct \
+        --pickscore=PickScore_v1 --pickscore_processor=CLIP-ViT-H-14-laion2B-s32B-b79K   # a real backbone
+    torchrun --standalone --nproc_per_node=4 train.py config/wan_bench.py   # one Wan-scale iteration, random weights
 
-The shared context: the N rows of a plan start from the same noise for every chunk before the
-switch, and the ODE sampler is deterministic, so the context they see is the same (flat_groups
-gives each row its own context instead). Computing it once and copying the KV cache would save
-the (N-1)/N duplicate work; on the world it is a few ms and the batched form reads more simply.
+The world's executor denoises with Euler ODE steps, and the transition chunk with Flow-GRPO's SDE
+(every step but the last). Self-Forcing / LongLive denoise with their distilled few-step sampler
+(predict x0, re-noise with fresh noise): the re-noise is itself a Gaussian step, N((1 - s') x0, s'^2),
+so the transition chunk samples those steps as they are and records their log-probs.
+
+The shared context: the N rows of a plan draw the same noise for every chunk before the switch (the
+ODE is deterministic and a re-noise draws shared noise too), so the context they see is the same
+(flat_groups gives each row its own). All noise is drawn before streaming, so rows can stream in
+batches of rollout_rows (a Wan-size KV cache is 6 GB a row) with the same result.
+
+Processes: each rank takes its own instructions (drawn together, never the same twice in one
+iteration) and its own seed; a plan's M x N group never leaves its rank, so advantages are
+computed locally. The executor is replicated with gradients averaged by hand (DDP-style); the
+planner is sharded with FSDP2 (fully_shard) for real backbones (planner_shard).
 """
 
 import copy
+import functools
 import json
 import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -46,6 +60,7 @@ instructions = 8          # instructions per iteration, per rank
 M = 4                     # plans per instruction (the planning group)
 N = 4                     # continuations per plan (the execution group)
 min_steps, max_steps = 2, 4   # training instructions have this many steps (a switch is needed)
+prompts = ""              # a file of instructions, one a line ('': sampled from the shapes world's grammar)
 train_planner = True
 train_executor = True
 smoothing = "ramp"        # prompt smoothing: ramp | none (ablation)
@@ -53,12 +68,13 @@ flat_groups = False       # ablation: no shared context, every continuation its 
 # planner (GSPO)
 planner_lr = 1e-5
 planner_temperature = 1.0
+plan_tokens = 256         # the planner's budget of new tokens per plan
 gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
 executor_lr = 1e-4
-sample_steps = 10         # Euler steps per chunk; the transition chunk's first sample_steps-1 are SDE steps
-sample_shift = 3.0        # the schedule's shift (pretrain.py's train_shift)
+sample_steps = None       # per chunk: an int = Euler steps (the world: 10), a tuple = a distilled sampler's timesteps
+sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
 noise_level = 0.7         # Flow-GRPO's a
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
@@ -67,16 +83,53 @@ adv_clip = 5.0
 num_minibatches = 4       # each rollout batch is split in 4 updates, for both models
 grad_clip = 1.0
 ckpt_every = 10           # iterations between checkpoints
+save_checkpoints = True   # False: write nothing but the log (benchmarks)
+# real backbones (config/selfforcing.py, config/longlive.py set these; backbones.py reads the files)
+backbone = "world"        # world | selfforcing | longlive
+executor_config = "world"
+executor_ckpt = ""
+executor_key = "generator_ema"
+lora_ckpt = ""
+lora_rank = 256
+lora_alpha = 256.0
+vae_ckpt = ""
+vae_config = "wan2.1"     # vae.VAE_CONFIGS
+t5_ckpt = ""
+t5_tokenizer = ""
+sink_frames = 0
+window_frames = 0
+height = 480              # video pixels; latents are height/8 x width/8
+width = 832
+latent_frames = 21
+timestep_shift = 5.0      # the distilled sampler's shift
+switch_recache = False    # LongLive: re-run the cached frames with the new prompt at a switch
+planner_path = ""         # a Qwen3 folder (Qwen3-8B), tokenizer included
+judge_llm = ""            # plan quality: a Qwen3 folder ('': planner_path's base weights, frozen)
+judge_vlm = ""            # temporal and local step following: a Qwen3-VL folder (Qwen3-VL-8B-Instruct)
+pickscore = ""            # aesthetic: PickScore_v1 ...
+pickscore_processor = ""  # ... and its processor (CLIP-ViT-H-14-laion2B-s32B-b79K)
+video_fps = 16.0          # Wan's frame rate, for the VLM's timestamps
+# scale
+planner_shard = "auto"    # FSDP2 for the planner under torchrun: auto (real backbones) | always | never
+rollout_rows = 0          # rows streamed (and VAE-decoded) together; 0 = all
+micro_batch = 0           # executor update: rows per forward/backward; 0 = a whole minibatch
+grad_ckpt = False         # recompute activations in the backward (executor blocks, planner layers)
+offload = False           # frozen models wait in host memory and visit the GPU for their phase only
+random_weights = False    # benchmarks: every model built at full size with random weights, nothing read
+planner_layers = 36       # random_weights: the Qwen3-8B-shaped planner's depth
+stand_in_plans = False    # random-weight planners write no valid plan: roll out the instruction's own steps instead
+warmup = False            # benchmarks: first run the executor once at every attention shape (kernel tuning), untimed
 # -----------------------------------------------------------------------------
 from configurator import configure, die  # noqa: E402
 
 config = configure(globals())
 
+import backbones  # noqa: E402
 import model as Mod  # noqa: E402
 import rewards  # noqa: E402
 import world  # noqa: E402
-from planner import gspo_loss, group_advantages, minibatches, parse_plan  # noqa: E402
-from sample import SetupError, chunk_contexts, load_world  # noqa: E402
+from planner import Planner, blend_contexts, gspo_loss, group_advantages, minibatches, parse_plan, smooth_weights  # noqa: E402
+from sample import SetupError, load_world  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # processes: torchrun gives every rank different instructions; gradients are averaged by hand
@@ -91,9 +144,25 @@ if ddp:
 else:
     rank, world_size = 0, 1
 master = rank == 0
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+cuda = device.startswith("cuda")
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+real = backbone != "world"
+fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
+if planner_shard not in ("auto", "always", "never"):
+    die(f"planner_shard must be auto, always or never, not '{planner_shard}'")
+T = latent_frames if real else world.T
+if sample_steps is None:
+    sample_steps = (1000, 750, 500, 250) if real else 10  # Self-Forcing's 4 distilled steps / the world's Euler steps
+if isinstance(sample_steps, int) and sample_steps >= 2:
+    sampler, sigmas = "ode", Mod.ode_sigmas(sample_steps, sample_shift).tolist() + [0.0]  # sigma_0 = 1 > ... > 0
+elif isinstance(sample_steps, tuple) and len(sample_steps) >= 2 and all(isinstance(t, int) and 0 < t <= 1000
+                                                                        for t in sample_steps):
+    sampler, sigmas = "renoise", Mod.few_step_sigmas(sample_steps, timestep_shift).tolist() + [0.0]
+else:
+    die(f"sample_steps must be an int >= 2 (Euler steps) or a tuple of >= 2 timesteps in 1..1000, not {sample_steps!r}")
+K = len(sigmas) - 2  # policy steps per transition chunk: every step but the last (its Gaussian has no width)
 
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -104,39 +173,167 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def sync_grads(params):
+    """DDP by hand: every rank adds its gradients into every other's, then they are averaged."""
+    if not ddp:
+        return
+    params = list(params)
     for p in params:
         if p.grad is None:  # a rank with nothing to learn from this time still joins the all-reduce
             p.grad = torch.zeros_like(p)
-        all_mean(p.grad)
+    for w in [dist.all_reduce(p.grad, async_op=True) for p in params]:  # queued together, waited once
+        w.wait()
+    for p in params:
+        p.grad /= world_size
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def resident(*models):
+    """offload: a frozen model waits in host memory and is on the GPU only inside this block."""
+    if offload and cuda:
+        for m in models:
+            m.to(device)
+    try:
+        yield
+    finally:
+        if offload and cuda:
+            for m in models:
+                m.to("cpu")
+
+
+def shard(model):
+    """FSDP2: every decoder layer and then the whole model fully_shard-ed over all ranks. Float32 shards (the
+    master weights and AdamW states, 16 bytes a parameter / ranks); real backbones compute in bf16."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and real else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model._is_fsdp_managed_module = True  # transformers' generate then keeps the ranks in step (synced_gpus)
+    return model
+
+
+@contextmanager
+def gathered(model):
+    """FSDP2 during generation: keep each layer's gathered weights from the first token on (one all-gather
+    per layer per plan batch, not per token); shards again afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    mods = [m for m in mods if hasattr(m, "set_reshard_after_forward")]  # older torch: one gather per token
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def checkpointed(fwd, *args, **kwargs):
+    """A block's forward whose activations are recomputed in the backward instead of kept."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+    return fwd(*args, **kwargs)
 
 
 # -----------------------------------------------------------------------------
-# models: the trained planner and executor, the frozen reference executor, the frozen text encoder
+# models: the trained planner and executor, the frozen reference executor, the frozen text encoder,
+# (real backbones) the VAE and the judges
 
+torch.manual_seed(seed)  # random_weights: every rank builds the same models
+dt = torch.bfloat16 if cuda else torch.float32
+home = "cpu" if offload and cuda else device  # where frozen models wait
 try:
-    models = load_world(init_from, device)
-except (SetupError, ValueError) as e:
-    die(str(e))
-planner, executor, text_enc = models["planner"], models["executor"], models["text_enc"]
+    if not real:
+        models = load_world(init_from, device)
+        planner, executor, text_enc, tokenizer = models["planner"], models["executor"], models["text_enc"], models["tokenizer"]
+        frame_shape = (executor.cfg.in_dim, world.H, world.W)  # pixel space
+    else:
+        from transformers import CLIPModel, Qwen3ForCausalLM, Qwen3VLForConditionalGeneration
+
+        import vae as V
+        if height % 16 or width % 16 or T % 3:
+            die(f"height and width must be multiples of 16 and latent_frames of 3, got {height}x{width}, {T}")
+        if random_weights:  # full-size shapes, random weights, built on the GPU
+            parts = backbones.random_backbone(executor_config, device, dt, vae_config)
+            tok = backbones.random_tokenizer()
+            with torch.device("meta"):
+                pmodel = Qwen3ForCausalLM._from_config(backbones.qwen3_config(tok, planner_layers), dtype=torch.float32)
+            if fsdp:
+                shard(pmodel)  # shards on the meta device; each rank then materialises its own shards only
+            backbones.init_random_(pmodel, device)
+            planner = Planner(pmodel, tok, T)
+            llm_judge = rewards.LLMJudge(backbones.build(Qwen3ForCausalLM, backbones.qwen3_config(tok), device, dt), tok)
+            vlm_judge = rewards.VLMJudge(backbones.build(Qwen3VLForConditionalGeneration, backbones.qwen3_vl_config(tok),
+                                                         device, dt), backbones.qwen3_vl_processor(tok), fps=video_fps)
+            ctok = backbones.random_tokenizer(clip=True)
+            pick = rewards.PickScore(backbones.build(CLIPModel, backbones.clip_config(ctok), device, dt).eval(),
+                                     backbones.clip_processor(ctok))
+            for m in (parts["text_encoder"], llm_judge.model, vlm_judge.model, pick.model):
+                m.requires_grad_(False).to(home)
+            # random judges put no mass on the answer tokens: read the expectation over them anyway, one forward
+            # per question as a trained judge needs, instead of the text fallback's extra decoding
+            llm_judge.min_mass = vlm_judge.min_mass = 0.0
+        else:
+            backbones.check_paths(config, "config")
+            for key in ("planner_path", "judge_vlm", "pickscore", "pickscore_processor") + (("judge_llm",) if judge_llm else ()):
+                if not globals()[key] or not os.path.isdir(globals()[key]):
+                    die(f"{key} '{globals()[key]}' is not a folder: real backbones need it (see train.py's docstring)")
+            exe = backbones.load_executor(executor_ckpt, executor_config, executor_key, lora_ckpt, lora_rank, lora_alpha,
+                                          device, dt, sink_frames=sink_frames, window_frames=window_frames)
+            parts = {"executor": exe, "text_encoder": backbones.load_t5(t5_ckpt, home, dt),
+                     "tokenizer": backbones.load_tokenizer(t5_tokenizer), "vae": V.load_vae(vae_ckpt, device, dt, vae_config)}
+            planner = Planner.from_pretrained(planner_path, T, device="cpu" if fsdp else device, dtype=torch.float32)
+            if fsdp:
+                shard(planner.model)
+            llm_judge = rewards.LLMJudge.from_pretrained(judge_llm or planner_path, home, dt)
+            vlm_judge = rewards.VLMJudge.from_pretrained(judge_vlm, home, dt, fps=video_fps)
+            pick = rewards.PickScore.from_pretrained(pickscore, pickscore_processor, home, dt)
+        executor, text_enc, tokenizer, vae = parts["executor"], parts["text_encoder"], parts["tokenizer"], parts["vae"]
+        frame_shape = (executor.cfg.in_dim, height // 8, width // 8)  # latents: the VAE's stride is 8
+except (SetupError, ValueError, OSError) as e:
+    die(str(e).splitlines()[0] if str(e) else type(e).__name__)
 reference = copy.deepcopy(executor).eval()  # the base executor as loaded, frozen, for the KL term
-planner.model.float()  # float32 master weights; the forwards run under autocast
+if not (fsdp and real):  # (real backbones' planners are float32 already, and sharded)
+    planner.model.float()  # float32 master weights (FSDP2 on a GPU: bf16 forwards)
+if fsdp and not real:
+    shard(planner.model)
 executor.float()
 for p in list(text_enc.parameters()) + list(reference.parameters()):
     p.requires_grad_(False)
+if grad_ckpt:  # memory for one block's activations instead of all of them, for a second forward
+    for block in executor.blocks:
+        block.forward = functools.partial(checkpointed, block.forward)
+    planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
-sigmas = Mod.ode_sigmas(sample_steps, sample_shift).tolist() + [0.0]  # sigma_0 = 1 > ... > sigma_K = 0
 C = executor.cfg.chunk_frames
 state_path = os.path.join(out_dir, "state.pt")
 it = 0
+full = None
+if fsdp:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 try:
-    state = Mod.load_state(state_path, device)
+    state = Mod.load_state(state_path, "cpu" if fsdp else device)
 except Mod.CheckpointError as e:
     die(str(e))
 if state is not None:
-    planner.model.load_state_dict(state["planner"])
+    if fsdp:  # every rank reads the full state and keeps its own shards
+        set_model_state_dict(planner.model, state["planner"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(planner.model, p_opt, state["p_opt"], options=StateDictOptions(full_state_dict=True))
+    else:
+        planner.model.load_state_dict(state["planner"])
+        p_opt.load_state_dict(state["p_opt"])
     executor.load_state_dict(state["executor"])
-    p_opt.load_state_dict(state["p_opt"])
     e_opt.load_state_dict(state["e_opt"])
     it = state["iter"]
     if master:
@@ -144,20 +341,29 @@ if state is not None:
 
 
 def save_checkpoint():
-    """The resumable state first, then the exported models; both written atomically."""
+    """The resumable state first, then the exported models; both written atomically. Every rank calls it
+    (an FSDP2 planner's full weights are gathered from all of them); rank 0 writes."""
+    if fsdp:
+        p_sd, p_opt_sd = get_model_state_dict(planner.model, options=full), get_optimizer_state_dict(planner.model, p_opt, options=full)
+    else:
+        p_sd, p_opt_sd = planner.model.state_dict(), p_opt.state_dict()
+    if not master:
+        return
     os.makedirs(out_dir, exist_ok=True)
-    state = {"planner": planner.model.state_dict(), "executor": executor.state_dict(), "p_opt": p_opt.state_dict(),
+    state = {"planner": p_sd, "executor": executor.state_dict(), "p_opt": p_opt_sd,
              "e_opt": e_opt.state_dict(), "iter": it, "config": config}
     Mod.save_state(state, state_path)
-    Mod.save_pretrained(executor, os.path.join(out_dir, "world_executor.safetensors"), extra={"iter": it},
+    name = "executor" if real else "world_executor"
+    Mod.save_pretrained(executor, os.path.join(out_dir, f"{name}.safetensors"), extra={"iter": it},
                         state_dict={k: v.to(torch.bfloat16) for k, v in executor.state_dict().items()})
-    text = os.path.join(out_dir, "world_text_encoder.safetensors")  # frozen: the base's file as it is
-    shutil.copyfile(os.path.join(init_from, "world_text_encoder.safetensors"), text + ".tmp")
-    os.replace(text + ".tmp", text)
-    tmp = os.path.join(out_dir, "world_planner.tmp")
-    planner.model.save_pretrained(tmp, safe_serialization=True)
+    if not real:
+        text = os.path.join(out_dir, "world_text_encoder.safetensors")  # frozen: the base's file as it is
+        shutil.copyfile(os.path.join(init_from, "world_text_encoder.safetensors"), text + ".tmp")
+        os.replace(text + ".tmp", text)
+    tmp = os.path.join(out_dir, "planner.tmp")
+    planner.model.save_pretrained(tmp, state_dict=p_sd, safe_serialization=True)
     planner.tokenizer.save_pretrained(tmp)
-    final = os.path.join(out_dir, "world_planner")
+    final = os.path.join(out_dir, "planner" if real else "world_planner")
     if os.path.exists(final):
         os.replace(final, final + ".old")
     os.replace(tmp, final)
@@ -166,55 +372,157 @@ def save_checkpoint():
 
 
 # -----------------------------------------------------------------------------
-# rollouts
+# instructions, text, rollouts
+
+
+prompt_list = None
+if prompts:
+    try:
+        prompt_list = [line.strip() for line in open(prompts) if line.strip()]
+    except OSError as e:
+        die(f"cannot read prompts file {prompts}: {e.strerror}")
+    if not prompt_list:
+        die(f"prompts file {prompts} holds no instruction")
+
+
+def instructions_for(step: int) -> list[str]:
+    """This rank's instructions. All ranks draw the whole iteration's batch from one stream and take their
+    own slice, so no instruction is done twice in an iteration; a prompts file is walked in a shuffled order."""
+    if prompt_list is not None:
+        order = random.Random(seed).sample(range(len(prompt_list)), len(prompt_list))
+        first = (step * world_size + rank) * instructions
+        return [prompt_list[order[(first + k) % len(order)]] for k in range(instructions)]
+    rng = random.Random(seed * 1_000_003 + step * 1009)
+    batch = []
+    while len(batch) < world_size * instructions:
+        x = world.sample_training_instruction(rng, rng.randint(min_steps, max_steps))
+        if x not in batch:
+            batch.append(x)
+    return batch[rank * instructions:(rank + 1) * instructions]
+
+
+def stand_in_plan(instruction: str):
+    """stand_in_plans: the instruction's own steps on their ground-truth spans (even spans if they do not fit)."""
+    try:
+        return world.ground_truth_plan(instruction, T)
+    except world.ParseError:
+        try:
+            steps = world.step_prompts(instruction)[:T // C]
+        except world.ParseError:  # not the world's grammar: one step
+            return [(instruction, 0, T)]
+        b = [round(k * (T // C) / len(steps)) * C for k in range(len(steps) + 1)]
+        return [(p, s, e) for p, s, e in zip(steps, b, b[1:])]
+
+
+@torch.no_grad()
+def encode(texts: list[str]) -> torch.Tensor:
+    """Step prompts -> (P, text_len, text_dim) text-encoder states, zeros past each prompt."""
+    return Mod.encode_text(text_enc, tokenizer, [backbones.clean_prompt(t) if real else t for t in texts],
+                           executor.cfg.text_len, device)
+
+
+@torch.no_grad()
+def plan_contexts(plans: list) -> list[torch.Tensor]:
+    """Plans -> per chunk a (P, text_len, text_dim) float32 context, with prompt smoothing. Every distinct
+    step prompt is encoded once."""
+    texts = sorted({p for plan in plans for p, _, _ in plan})
+    with resident(text_enc):
+        states = encode(texts)  # (U, L, D)
+    where = {t: i for i, t in enumerate(texts)}
+    per_plan = [blend_contexts(states[[where[p] for p, _, _ in plan]], smooth_weights(plan, T, C, smoothing))
+                for plan in plans]  # each (chunks, L, D)
+    return list(torch.stack(per_plan, dim=1).float())
+
+
+def sampler_step(x, v, s: float, s_next: float, noise):
+    """The executor's own step: Euler (world), or x0 prediction re-noised with fresh noise (Self-Forcing)."""
+    if sampler == "ode":
+        return Mod.ode_step(x.float(), v.float(), s, s_next)
+    x0 = x.float() - s * v.float()
+    return Mod.renoise_step(x0, s_next, noise=noise)[0] if s_next > 0 else x0
+
+
+def policy_step(x, v, s: float, s_next: float, noise=None, x_next=None):
+    """The transition chunk's stochastic step and its Gaussian log-prob: Flow-GRPO's SDE for the Euler
+    sampler, the re-noise itself for the distilled one. Returns (x_next, logp, mean, std)."""
+    if sampler == "ode":
+        return Mod.sde_step(x, v, s, s_next, noise_level, noise=noise, x_next=x_next)
+    return Mod.renoise_step(x.float() - s * v.float(), s_next, noise=noise, x_next=x_next)
 
 
 @torch.no_grad()
 def rollout(plans: list, g: torch.Generator):
     """
-    plans: P valid plans -> P*N videos (row r is continuation r % N of plan r // N).
-    Returns latents (R, T, 3, H, W) float, uint8 videos, the switch chunk per row (-1: one-step plan),
-    and the transition chunk's recorded steps: xs, x_nexts (R, K, C, 3, H, W), logp_old (R, K).
+    plans: P valid plans -> P*N rows (row r is continuation r % N of plan r // N).
+    Returns latents (R, T, c, h, w) float, the switch chunk per row (-1: one-step plan), the per-chunk
+    contexts (R, chunks, L, D), and the transition chunk's recorded steps: xs, x_nexts (R, K, C, c, h, w),
+    logp_old (R, K).
     """
-    P, R, nc = len(plans), len(plans) * N, world.T // C
-    ctx = [c.float().repeat_interleave(N, 0) for c in chunk_contexts(models, plans, smoothing)]  # nc x (R, L, D)
+    P, R, nc = len(plans), len(plans) * N, T // C
+    ctx = torch.stack([c.repeat_interleave(N, 0) for c in plan_contexts(plans)], 1)  # (R, nc, L, D)
     first = [-(-p[1][1] // C) if len(p) > 1 else -1 for p in plans]  # the chunk where the second step starts
     switch = torch.tensor([j if j < nc else -1 for j in first]).repeat_interleave(N)  # (R,) -1: no transition
-    shape = (C, 3, world.H, world.W)
-    ph, pw = executor.cfg.patch_size[1:]
-    cache = Mod.KVCache(executor.cfg, R, (world.H // ph) * (world.W // pw), world.T, device=device,
-                        dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)  # autocast's k, v
-    K = len(sigmas) - 2  # SDE steps: every step but the last (its Gaussian has no width)
+    shape = (C, *frame_shape)
+    # every draw up front: a chunk's start noise, plus (re-noise sampler) one per re-noise step; shared within a plan
+    draws = 1 if sampler == "ode" else len(sigmas) - 1
+    own = torch.randn((R, nc, draws, *shape), generator=g, device=device)
+    shared = torch.randn((P, nc, draws, *shape), generator=g, device=device).repeat_interleave(N, 0)
+    eps = torch.randn((R, K, *shape), generator=g, device=device)  # the transition chunk's policy steps
+    lat = torch.zeros(R, T, *frame_shape, device=device)
     xs = torch.zeros(R, K, *shape, device=device)
     x_nexts, logp_old = torch.zeros_like(xs), torch.zeros(R, K, device=device)
-    chunks = []
+    ph, pw = executor.cfg.patch_size[1:]
     executor.eval()
-    for j in range(nc):
-        if j > 0 and not torch.equal(ctx[j], ctx[j - 1]):
-            cache.clear_cross()
-        own = torch.randn((R, *shape), generator=g, device=device)
-        shared = torch.randn((P, *shape), generator=g, device=device).repeat_interleave(N, 0)
-        before = (switch < 0) | (j < switch)  # rows still in their plan's shared context
-        x = own if flat_groups else torch.where(before.to(device)[:, None, None, None, None], shared, own)
-        sde = (switch == j).to(device)  # rows whose transition chunk this is
-        for i in range(len(sigmas) - 1):
-            s, s_next = sigmas[i], sigmas[i + 1]
+    for r0 in range(0, R, rollout_rows or R):
+        rows = slice(r0, min(R, r0 + (rollout_rows or R)))
+        B, sw = rows.stop - rows.start, switch[rows].to(device)
+        cache = Mod.KVCache(executor.cfg, B, (frame_shape[1] // ph) * (frame_shape[2] // pw), T, device=device,
+                            dtype=torch.bfloat16 if cuda else torch.float32)  # autocast's k, v
+        for j in range(nc):
+            cj = ctx[rows, j]
+            if j > 0 and not torch.equal(cj, ctx[rows, j - 1]):
+                if switch_recache:  # LongLive: the cached frames are run again with the new prompt
+                    with autocast:
+                        Mod.recache(executor, cache, lat[rows, :j * C], cj)
+                else:
+                    cache.clear_cross()
+            before = ((sw < 0) | (j < sw))[:, None, None, None, None, None]  # rows still in their plan's shared context
+            noise = own[rows, j] if flat_groups else torch.where(before, shared[rows, j], own[rows, j])  # (B, draws, C, c, h, w)
+            x = noise[:, 0]
+            sde = sw == j  # rows whose transition chunk this is
+            for i in range(len(sigmas) - 1):
+                s, s_next = sigmas[i], sigmas[i + 1]
+                with autocast:
+                    v = executor(x, torch.full((B, C), 1000 * s, device=device), cj, cache=cache, start_frame=j * C)
+                x_new = sampler_step(x, v, s, s_next, noise[:, i + 1] if i + 1 < draws else None)
+                if i < K and sde.any():
+                    x_pol, logp, _, _ = policy_step(x, v, s, s_next, noise=eps[rows, i])
+                    idx = torch.arange(r0, rows.stop, device=device)[sde]
+                    xs[idx, i], x_nexts[idx, i], logp_old[idx, i] = x[sde].float(), x_pol[sde], logp[sde]
+                    x_new = torch.where(sde[:, None, None, None, None], x_pol, x_new)
+                x = x_new
             with autocast:
-                v = executor(x, torch.full((R, C), 1000 * s, device=device), ctx[j], cache=cache, start_frame=j * C)
-            x_ode = Mod.ode_step(x.float(), v.float(), s, s_next)
-            if i < K and sde.any():
-                eps = torch.randn(x.shape, generator=g, device=device)
-                x_sde, logp, _, _ = Mod.sde_step(x, v, s, s_next, noise_level, noise=eps)
-                xs[sde, i], x_nexts[sde, i], logp_old[sde, i] = x[sde].float(), x_sde[sde], logp[sde]
-                x = torch.where(sde[:, None, None, None, None], x_sde, x_ode)
-            else:
-                x = x_ode
-        with autocast:
-            executor(x, torch.zeros(R, C, device=device), ctx[j], cache=cache, start_frame=j * C)
-        chunks.append(x)
-    lat = torch.cat(chunks, 1)  # (R, T, 3, H, W)
-    videos = ((lat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
-    return lat, videos, switch, torch.stack(ctx, 1), xs, x_nexts, logp_old
+                executor(x, torch.zeros(B, C, device=device), cj, cache=cache, start_frame=j * C)
+            lat[rows, j * C:(j + 1) * C] = x
+        del cache
+    return lat, switch, ctx, xs, x_nexts, logp_old
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(R, F, 3, H, W) in [-1, 1] -> (R, F, H, W, 3) uint8 on the host."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+@torch.no_grad()
+def decode(lat: torch.Tensor) -> np.ndarray:
+    """Latents (R, T, 16, h, w) -> videos (R, 1 + 4 (T - 1), H, W, 3) uint8 through the Wan VAE."""
+    step = rollout_rows or len(lat)
+    return np.concatenate([to_uint8(vae.decode(lat[r:r + step].to(dt))) for r in range(0, len(lat), step)])
+
+
+def pixel_span(j: int) -> tuple[int, int]:
+    """Video frames of latent chunk j: the first latent frame is one frame, each later one four."""
+    return max(0, 4 * j * C - 3), 4 * (j + 1) * C - 3
 
 
 def judge(args):
@@ -228,8 +536,35 @@ def judge(args):
     return out
 
 
+judge_errors = []
+
+
+def judged(fn, *args) -> float:
+    """A judge's score; a judge that fails scores 0 and the failure is counted and logged, not fatal."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        judge_errors.append(f"{getattr(fn, '__name__', 'judge')}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return 0.0
+
+
+def judge_real(videos, jobs) -> list[dict]:
+    """The Qwen3-VL judge on each whole video and its transition chunk, PickScore on that chunk's frames
+    against the step that should start there."""
+    scores = []
+    with resident(vlm_judge.model, pick.model):
+        for video, (_, instruction, plan, sw) in zip(videos, jobs):
+            out = {"temporal": judged(vlm_judge.temporal_following, video, instruction)}
+            if sw >= 0:
+                a, b = pixel_span(sw)
+                out["local"] = judged(vlm_judge.local_step_following, video, (a, b), plan[0][0], plan[1][0])
+                out["aesthetic"] = judged(pick.aesthetic, video[a:b], plan[1][0])
+            scores.append(out)
+    return scores
+
+
 # -----------------------------------------------------------------------------
-# the executor's policy: the transition chunk's SDE step under the current weights
+# the executor's policy: the transition chunk's stochastic step under the current weights
 
 
 def batches_of(n: int) -> list[torch.Tensor]:
@@ -239,9 +574,10 @@ def batches_of(n: int) -> list[torch.Tensor]:
 
 
 def transition_step(net, lat, ctx, switch, x_t, x_next, k: int):
-    """Re-score the recorded SDE step k of each row's transition chunk. One block-causal forward over
-    the clean context frames (t = 0) and the chunk at sigma_k gives the same v as the streamed
-    sampler did (test_all.py checks streaming == full forward). Returns (logp, mean, std)."""
+    """Re-score the recorded step k of each row's transition chunk. One block-causal forward over the
+    clean context frames (t = 0) and the chunk at sigma_k gives the same v as the streamed sampler did
+    (test_all.py checks streaming == full forward; LongLive's re-cache is the exception: it re-encodes
+    the cached frames with the new prompt, which a full forward cannot). Returns (logp, mean, std)."""
     R = lat.shape[0]
     end = int(switch.max() + 1) * C  # frames after the last transition chunk do not matter (causal)
     rows = torch.arange(R, device=lat.device)
@@ -251,45 +587,47 @@ def transition_step(net, lat, ctx, switch, x_t, x_next, k: int):
     t = torch.zeros(R, end, device=lat.device)
     t[rows[:, None], frames] = 1000 * sigmas[k]
     with autocast:
-        v = net(x, t, ctx[:, :end // C])[rows[:, None], frames]  # (R, C, 3, H, W)
-    _, logp, mean, std = Mod.sde_step(x_t, v, sigmas[k], sigmas[k + 1], noise_level, x_next=x_next)
+        v = net(x, t, ctx[:, :end // C])[rows[:, None], frames]  # (R, C, c, h, w)
+    _, logp, mean, std = policy_step(x_t, v, sigmas[k], sigmas[k + 1], x_next=x_next)
     return logp, mean, std
 
 
+def micro(idx: torch.Tensor) -> list[torch.Tensor]:
+    return list(idx.split(micro_batch)) if micro_batch else [idx]
+
+
 def executor_update(lat, ctx, switch, xs, x_nexts, logp_old, adv):
-    """Flow-GRPO (FACTS 5): per SDE step, loss = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
-    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); gradients summed over the steps."""
+    """Flow-GRPO (FACTS 5): per policy step, loss = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
+    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); gradients summed over the steps.
+    A minibatch may run in micro-batches of rows whose gradients add up to the minibatch's."""
     stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_skipped": 0}
-    K = xs.shape[1]
     with torch.no_grad():  # old log-probs through the update's own code path, so the first ratio is exactly 1
-        old = torch.stack([transition_step(executor, lat, ctx, switch, xs[:, k], x_nexts[:, k], k)[0]
-                           for k in range(K)], 1)  # (R, K)
+        old = torch.cat([torch.stack([transition_step(executor, lat[i], ctx[i], switch[i.cpu()], xs[i, k], x_nexts[i, k], k)[0]
+                                      for k in range(K)], 1) for i in micro(torch.arange(len(adv), device=lat.device))])
     stats["logp_rollout_gap"] = (old - logp_old).abs().max().item()  # streamed vs full forward: bf16 noise only
     logp_old = old
     executor.train()
     n_mb = 0
     for idx in batches_of(len(adv)):
         n_mb += 1
-        if len(idx) == 0:
-            sync_grads(executor.parameters())
-            continue
         for k in range(K):
-            a = [t[idx] for t in (lat, ctx, switch, xs[:, k], x_nexts[:, k])]
-            logp, mean, std = transition_step(executor, *a, k)
-            with torch.no_grad():
-                _, mean_ref, _ = transition_step(reference, *a, k)
-            ratio = torch.exp(logp - logp_old[idx, k])                            # (B,)
-            A = adv[idx]
-            policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
-            kl = ((mean - mean_ref) ** 2).flatten(1).mean(1).mean() / (2 * std ** 2)
-            loss = (policy + kl_beta * kl) / K
-            if not torch.isfinite(loss):
-                stats["e_skipped"] += 1
-                continue
-            loss.backward()
-            stats["e_loss"] += loss.item()
-            stats["kl"] += kl.item() / K
-            stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().mean().item() / K
+            for i in micro(idx.to(lat.device)) if len(idx) else []:
+                a = [lat[i], ctx[i], switch[i.cpu()], xs[i, k], x_nexts[i, k]]
+                logp, mean, std = transition_step(executor, *a, k)
+                with torch.no_grad():
+                    _, mean_ref, _ = transition_step(reference, *a, k)
+                ratio = torch.exp(logp - logp_old[i, k])                            # (B,)
+                A = adv[i]
+                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / len(idx)
+                kl = ((mean - mean_ref) ** 2).flatten(1).mean(1).sum() / len(idx) / (2 * std ** 2)
+                loss = (policy + kl_beta * kl) / K
+                if not torch.isfinite(loss):
+                    stats["e_skipped"] += 1
+                    continue
+                loss.backward()
+                stats["e_loss"] += loss.item()
+                stats["kl"] += kl.item() / K
+                stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().sum().item() / len(idx) / K
         sync_grads(executor.parameters())
         torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
         e_opt.step()
@@ -298,7 +636,10 @@ def executor_update(lat, ctx, switch, xs, x_nexts, logp_old, adv):
 
 
 def planner_update(samples, adv):
-    stats = {"p_loss": 0.0, "p_clip_frac": 0.0}
+    """GSPO (planner.gspo_loss) in num_minibatches steps. Under FSDP2 every rank runs every backward (the
+    gradients are reduce-scattered), so a non-finite loss backpropagates zero and a non-finite gradient
+    norm, the same on all ranks, skips the step everywhere."""
+    stats = {"p_loss": 0.0, "p_clip_frac": 0.0, "p_skipped": 0}
     planner.model.train()
     for idx in batches_of(len(adv)):
         if len(idx):  # float32 as in planner.sample, so the first GSPO ratio is exactly 1 (the clip band is 3e-4)
@@ -310,10 +651,17 @@ def planner_update(samples, adv):
                 stats["p_loss"] += loss.item() / num_minibatches
                 stats["p_clip_frac"] += s["clip_frac"].item() / num_minibatches
             else:
-                stats["p_skipped"] = stats.get("p_skipped", 0) + 1
-        sync_grads(planner.model.parameters())
-        torch.nn.utils.clip_grad_norm_(planner.model.parameters(), grad_clip)
-        p_opt.step()
+                stats["p_skipped"] += 1
+                if fsdp:
+                    (loss.nan_to_num(0.0, 0.0, 0.0) * 0).backward()
+        if not fsdp:
+            sync_grads(planner.model.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(planner.model.parameters(), grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if fsdp and not torch.isfinite(norm):
+            stats["p_skipped"] += 1
+        else:
+            p_opt.step()
         p_opt.zero_grad(set_to_none=True)
     return stats
 
@@ -342,52 +690,113 @@ def reward_curve(path: str, log_path: str):
     img.save(path)
 
 
+def peak_gb() -> float:
+    """The GPU memory high-water mark since the last call (0 on the CPU)."""
+    if not cuda:
+        return 0.0
+    m = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    return m
+
+
 if master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:  # bench.py reads smoothing from here
         json.dump(config, f, indent=1)
 log_path = os.path.join(out_dir, "log.jsonl")
-from multiprocessing import get_context  # noqa: E402
-pool = get_context("fork").Pool(max(1, min(16, (os.cpu_count() or 2) // world_size)))
+pool = None
+if not real:  # the world's judges run on the CPU, in worker processes
+    from multiprocessing import get_context
+    pool = get_context("fork").Pool(max(1, min(16, (os.cpu_count() or 2) // world_size)))
+if master and real:
+    n_par = lambda m: sum(p.numel() for p in m.parameters())  # an FSDP2 DTensor counts its whole shape
+    print(f"{backbone}{' (random weights)' if random_weights else ''}: executor {n_par(executor) / 1e9:.2f} B, "
+          f"planner {n_par(planner.model) / 1e9:.2f} B{' (FSDP2)' if fsdp else ''}, LLM judge {n_par(llm_judge.model) / 1e9:.2f} B, "
+          f"VLM judge {n_par(vlm_judge.model) / 1e9:.2f} B, PickScore {n_par(pick.model) / 1e9:.2f} B, "
+          f"text encoder {n_par(text_enc) / 1e9:.2f} B, VAE {n_par(vae) / 1e9:.3f} B; {world_size} rank(s), "
+          f"{sampler} sampler with {len(sigmas) - 1} steps a chunk, {T} latent frames of {frame_shape}")
+if warmup:  # every attention shape of the iteration once, so kernel autotuning is not inside the timings
+    t_w = time.time()
+    ph, pw = executor.cfg.patch_size[1:]
+    L, D = executor.cfg.text_len, executor.cfg.text_dim
+    cache = Mod.KVCache(executor.cfg, 1, (frame_shape[1] // ph) * (frame_shape[2] // pw), T, device=device,
+                        dtype=torch.bfloat16 if cuda else torch.float32)
+    with torch.no_grad(), autocast:
+        for j in range(T // C):  # a chunk against its growing cache
+            executor(torch.randn(1, C, *frame_shape, device=device), torch.full((1, C), 500.0, device=device),
+                     torch.zeros(1, L, D, device=device), cache=cache, start_frame=j * C)
+    del cache
+    for j in range(1, T // C):  # the update's block-causal forward and backward, for each transition chunk
+        with autocast:
+            v = executor(torch.randn(1, (j + 1) * C, *frame_shape, device=device), torch.zeros(1, (j + 1) * C, device=device),
+                         torch.zeros(1, j + 1, L, D, device=device))
+        v.float().square().mean().backward()
+    executor.zero_grad(set_to_none=True)
+    sync()
+    if master:
+        print(f"warm-up (kernel tuning at every attention shape): {time.time() - t_w:.1f} s", flush=True)
+sync()
+peak_gb()
 t_start = time.time()
-bar = tqdm(total=max_iters, initial=it, desc="tempact", disable=not master)
+bar = tqdm(total=max_iters, initial=it, desc="tempact", disable=not master or real)
 while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
-    rng = random.Random(seed * 1_000_003 + it * 1009 + rank)  # every rank, every iteration: new instructions
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + it * 1009 + rank)
-    torch.manual_seed(seed * 1_000_003 + it * 1009 + rank)  # minibatch shuffles
-    batch = [world.sample_training_instruction(rng, rng.randint(min_steps, max_steps)) for _ in range(instructions)]
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + it * 1009 + rank)  # each rank its own noise
+    torch.manual_seed(seed * 1_000_003 + it * 1009 + rank)  # minibatch shuffles, planner sampling
+    batch = instructions_for(it)
+    mem = {}
+    sync()
     t0 = time.time()
 
     # 1. the planning group: M plans per instruction
-    samples = planner.sample(batch, M, temperature=planner_temperature)
-    parsed = [parse_plan(t, world.T) for t in samples["text"]]   # (plan or None, reason) per row
-    valid = [i for i, (p, _) in enumerate(parsed) if p is not None]
-    t1 = time.time()
+    with gathered(planner.model):
+        samples = planner.sample(batch, M, max_new_tokens=plan_tokens, temperature=planner_temperature)
+    parsed = [parse_plan(t, T) for t in samples["text"]]   # (plan or None, reason) per row
+    run = [p if p is not None else stand_in_plan(batch[i // M]) if stand_in_plans else None
+           for i, (p, _) in enumerate(parsed)]             # the plans the executor rolls out
+    valid = [i for i, p in enumerate(run) if p is not None]
+    sync()
+    t1, mem["plan"] = time.time(), peak_gb()
 
-    # 2. the execution groups: N continuations of every valid plan
-    plans = [parsed[i][0] for i in valid]
+    # 2. the execution groups: N continuations of every plan
+    plans = [run[i] for i in valid]
     if plans:
-        lat, videos, switch, ctx, xs, x_nexts, logp_old = rollout(plans, g)
-    t2 = time.time()
+        lat, switch, ctx, xs, x_nexts, logp_old = rollout(plans, g)
+    sync()
+    t2, mem["rollout"] = time.time(), peak_gb()
 
     # 3. rewards: an invalid plan gets 0, never a crash
-    jobs = [(videos[r], batch[valid[r // N] // M], plans[r // N], int(switch[r])) for r in range(len(plans) * N)]
-    scores = pool.map(judge, jobs, chunksize=4) if jobs else []
+    jobs = [(None, batch[valid[r // N] // M], plans[r // N], int(switch[r])) for r in range(len(plans) * N)]
+    if not real:
+        videos = to_uint8(lat) if plans else []
+        scores = pool.map(judge, [(v, *j[1:]) for v, j in zip(videos, jobs)], chunksize=4) if jobs else []
+    else:
+        with resident(vae):
+            videos = decode(lat) if plans else []
+        sync()
+        t_decode = time.time() - t2
+        scores = judge_real(videos, jobs)
     terms = {"plan_quality": torch.zeros(len(batch) * M), "temporal": torch.zeros(len(batch) * M)}
-    for vi, i in enumerate(valid):
-        terms["plan_quality"][i] = rewards.plan_quality(parsed[i][0], batch[i // M], world.T)
-        terms["temporal"][i] = float(np.mean([scores[vi * N + n]["temporal"] for n in range(N)]))
+    with resident(*([llm_judge.model] if real else [])):
+        for vi, i in enumerate(valid):
+            if parsed[i][0] is None:  # a stand-in plan was rolled out: the planner still earns nothing
+                continue
+            terms["plan_quality"][i] = (judged(llm_judge.plan_quality, parsed[i][0], batch[i // M], T) if real else
+                                        rewards.plan_quality(parsed[i][0], batch[i // M], T))
+            terms["temporal"][i] = float(np.mean([scores[vi * N + n]["temporal"] for n in range(N)]))
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
     has_switch = [vi for vi in range(len(plans)) if switch[vi * N] >= 0]  # execution groups with a transition
     rows = torch.tensor([vi * N + n for vi in has_switch for n in range(N)], dtype=torch.long)
     r_exec = torch.tensor([w_local * scores[r]["local"] + w_aesthetic * scores[r]["aesthetic"] for r in rows.tolist()])
-    t3 = time.time()
+    sync()
+    t3, mem["judge"] = time.time(), peak_gb()
 
     # 4. the updates
     stats = {}
     if train_planner:
         adv = group_advantages(r_plan, M).clamp(-adv_clip, adv_clip).to(device)
         stats |= planner_update(samples, adv)
+    sync()
+    t_planner = time.time() - t3
     if train_executor:
         if len(rows):
             adv = group_advantages(r_exec, N).clamp(-adv_clip, adv_clip).to(device)
@@ -397,18 +806,26 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
             for _ in range(num_minibatches):
                 sync_grads(executor.parameters())
                 e_opt.zero_grad(set_to_none=True)
-    t4 = time.time()
+    sync()
+    t4, mem["update"] = time.time(), peak_gb()
 
     # 5. log (rank 0, every term averaged over ranks), checkpoint
     it += 1
     means = {"r_plan_quality": terms["plan_quality"].mean(), "r_temporal": terms["temporal"].mean(),
              "r_local": torch.tensor([scores[r]["local"] for r in rows.tolist()]).mean() if len(rows) else torch.tensor(0.0),
              "r_aesthetic": torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()]).mean() if len(rows) else torch.tensor(0.0),
-             "valid_plans": torch.tensor(len(valid) / len(parsed))}
+             "valid_plans": torch.tensor(sum(p is not None for p, _ in parsed) / len(parsed))}
     means = {k: all_mean(v.float().to(device)).item() for k, v in means.items()}
+    per_rank = torch.tensor([len(plans) * N] + [mem[k] for k in ("plan", "rollout", "judge", "update")], device=device)
+    if ddp:  # rollouts summed over ranks; memory peaks gathered per rank
+        gathered_rows = [torch.zeros_like(per_rank) for _ in range(world_size)]
+        dist.all_gather(gathered_rows, per_rank)
+        per_rank = torch.stack(gathered_rows)
+    per_rank = per_rank.view(-1, 5).cpu()
+    rollouts = int(per_rank[:, 0].sum())
     if ddp:  # the ranks' weights must stay identical: averaged gradients, same optimizer steps
-        sums = torch.tensor([sum(p.double().sum() for p in list(executor.parameters()) + list(planner.model.parameters()))],
-                            device=device)
+        params = list(executor.parameters()) + ([] if fsdp else list(planner.model.parameters()))  # FSDP2: one copy
+        sums = torch.tensor([sum(p.double().sum() for p in params)], device=device)
         lo, hi = sums.clone(), sums.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -416,20 +833,49 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     rec = {"iter": it, "ranks": world_size, **{k: round(v, 4) for k, v in means.items()}, **{k: round(float(v), 6) for k, v in stats.items()},
            "invalid_reasons": sorted({r for p, r in parsed if p is None})[:3],
            "t_plan": round(t1 - t0, 2), "t_rollout": round(t2 - t1, 2), "t_judge": round(t3 - t2, 2),
-           "t_update": round(t4 - t3, 2), "minutes": round((time.time() - t_start) / 60, 2)}
+           "t_update": round(t4 - t3, 2), "t_update_planner": round(t_planner, 2), "rollouts": rollouts,
+           "rollouts_per_s": round(rollouts / (t4 - t0), 3), "minutes": round((time.time() - t_start) / 60, 2)}
+    if real:
+        rec["t_decode"] = round(t_decode, 2)
+        rec["judge_errors"] = len(judge_errors)
+        if judge_errors and master:
+            print(f"{len(judge_errors)} judge call(s) failed and scored 0; the first: {judge_errors[0]}", flush=True)
+        judge_errors.clear()
+    if cuda:
+        rec["peak_gb"] = [round(float(x), 1) for x in per_rank[:, 1:].max(1).values]  # per rank, the iteration's peak
+        rec["phase_peak_gb"] = {k: round(float(per_rank[:, c].max()), 1)
+                                for c, k in enumerate(("plan", "rollout", "judge", "update"), start=1)}
     if master:
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         bar.update(1)
         bar.set_postfix(temporal=f"{means['r_temporal']:.3f}", local=f"{means['r_local']:.3f}")
-        if it % ckpt_every == 0:
-            save_checkpoint()
+        if real:
+            print(f"iter {it}: {rollouts} rollouts on {world_size} rank(s) in {t4 - t0:.1f} s: planning {t1 - t0:.1f} s, "
+                  f"rollout {t2 - t1:.1f} s, judging {t3 - t2:.1f} s (VAE decode {t_decode:.1f}), update {t4 - t3:.1f} s "
+                  f"(planner {t_planner:.1f}); peak GPU memory per rank (GB) {rec.get('peak_gb', '-')}, "
+                  f"per phase {rec.get('phase_peak_gb', '-')}; losses p {stats.get('p_loss', 0.0):.4g}, "
+                  f"e {stats.get('e_loss', 0.0):.4g}", flush=True)
+    if save_checkpoints and it % ckpt_every == 0:
+        save_checkpoint()
+        if master:
             reward_curve(os.path.join(out_dir, "rewards.png"), log_path)
 bar.close()
-if master:
+if save_checkpoints:
     save_checkpoint()
-    reward_curve(os.path.join(out_dir, "rewards.png"), log_path)
-    print(f"tempact: {it} iterations, exported to {out_dir}")
+if master:
+    if save_checkpoints:
+        reward_curve(os.path.join(out_dir, "rewards.png"), log_path)
+    print(f"tempact: {it} iterations" + (f", exported to {out_dir}" if save_checkpoints else ""))
+if master and real and cuda and random_weights:  # the plan computed from these models' shapes, next to what was measured
+    ph, pw = executor.cfg.patch_size[1:]
+    sizes = {"executor": n_par(executor), "planner": n_par(planner.model), "llm_judge": n_par(llm_judge.model),
+             "vlm_judge": n_par(vlm_judge.model), "pickscore": n_par(pick.model), "text_encoder": n_par(text_enc),
+             "vae": n_par(vae)}
+    backbones.memory_plan(world_size, torch.cuda.get_device_properties(device).total_memory / 1e9, sizes, M, N,
+                          instructions, rollout_rows or M * N, T, (frame_shape[1] // ph) * (frame_shape[2] // pw),
+                          plan_tokens, offload=offload)
 if ddp:
     dist.destroy_process_group()
-pool.terminate()
+if pool is not None:
+    pool.terminate()
