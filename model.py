@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import attention
+from attention import attention, attention_mask, visible_pairs
 
 # Switches for inference speed, flipped by bench.py --generate and sample.py (like attention.BACKEND):
 SDPA = False      # attention through torch's scaled_dot_product_attention instead of our Triton kernel
@@ -137,8 +137,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
-# the elementwise parts of a block: in float32 as Wan computes them, each several passes over a
-# (tokens, 1536) tensor in eager mode (about a third of a Wan-size forward); compiled, one kernel each
+# the elementwise parts of a block, in float32 as Wan computes them: in eager mode each is several full
+# passes over a (tokens, 1536) tensor; compiled (COMPILE, CUDA inference), one kernel each
 
 
 def fusable(fn):
@@ -196,7 +196,6 @@ def attend(q, k, v, **mask):
     only where the mask hides something: streaming chunks and LongLive's re-cache need none)."""
     if not SDPA:
         return attention(q, k, v, **mask)
-    from attention import attention_mask, visible_pairs
     Lq, Lk = q.shape[1], k.shape[1]
     m = None if visible_pairs(Lq, Lk, **mask) == Lq * Lk else attention_mask(Lq, Lk, **mask, device=q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m)
