@@ -7,6 +7,7 @@ against references measured in the same run, with the GPU named.
     python bench.py --quality         # the paper's Table 1 on the shapes world's held-out benchmark
     python bench.py --scaling         # train.py's rollouts per second on 1, 2 and 4 GPUs (torchrun), and the efficiency
     python bench.py --memory          # the per-GPU memory plan of one Wan-scale TempAct iteration (8x H100 80 GB)
+    python bench.py --generate        # streaming generation at Wan-1.3B size (random weights): FPS, latency, memory
 """
 
 import json
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # config
-mode = "kernel"     # kernel | quality
+mode = "kernel"     # kernel | quality | generate | scaling | memory
 check = False       # kernel: also check bf16 output/gradients against the float32 reference
 heads = 12          # Wan: 12 heads of 128
 head_dim = 128
@@ -44,9 +45,18 @@ scaling_args = ""         # more train.py flags, e.g. "--instructions=4"
 # memory
 mem_gpus = 8              # the plan's GPUs ...
 mem_gpu_gb = 80.0         # ... and their memory (H100 80 GB)
+# generate
+size = "wan-1.3b"                     # model.CONFIGS entry of the DiT
+height = 480                          # video pixels -> 60x104 latents, 1560 tokens a latent frame
+width = 832
+latent_frames = 21                    # 7 chunks of 3 -> 81 frames
+repeats = 3                           # timed videos per row (after one warm-up video), median reported
+switch_frame = 12                     # LongLive rows: the prompt switch (and its re-cache) at this latent frame
+rows_generate = "triton,sdpa,longlive,longlive-sdpa,eager,no-decode,vae-layout,profile"  # what to run, in order
+budget_s = 0.0                        # stop starting new rows after this many seconds (0: no limit)
 # -----------------------------------------------------------------------------
 for a in list(sys.argv[1:]):  # `--kernel`, `--check`, `--quality`, ... are shorthands for --mode=..., --check=True
-    if a in ("--kernel", "--quality", "--scaling", "--memory"):
+    if a in ("--kernel", "--quality", "--generate", "--scaling", "--memory"):
         sys.argv.remove(a)
         mode = a[2:]
     elif a == "--check":
@@ -305,8 +315,153 @@ def bench_memory():
         backbones.memory_plan(mem_gpus, mem_gpu_gb, sizes, offload=off)
 
 
+def bench_generate():
+    """Streaming text-to-video at Wan2.1-1.3B size with random weights (no download): 480x832, 21 latent
+    frames in 7 chunks of 3, Self-Forcing's 4-step sampler plus the clean pass per chunk, batch 1, bf16,
+    each chunk VAE-decoded as it arrives (to uint8 frames on the GPU). Text encoding is excluded: the
+    prompts' umT5 states are given (random). A row times `repeats` whole videos after one warm-up video
+    (CUDA-synchronised wall clock, median): FPS = 81 frames / wall time; first chunk = wall time until the
+    first chunk's 9 frames are decoded; DiT only = FPS without the VAE, from CUDA events around each
+    decode in the same videos; peak = max GPU memory allocated during the row. "ours" is the Triton attention
+    kernel with the block's elementwise parts compiled (model.COMPILE); the rows name what they change."""
+    import statistics
+
+    import model as M
+    import vae as V
+
+    assert torch.cuda.is_available(), "--generate needs a CUDA GPU"
+    dev, dt = device, torch.bfloat16
+    torch.backends.cudnn.benchmark = True  # the VAE's conv shapes repeat every chunk
+    t_start = time.time()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        net = M.WanDiT(M.ModelConfig(**M.asdict(M.CONFIGS[size])))  # its own config: rows set the cache
+        torch.nn.init.normal_(net.head.head.weight, std=0.02)  # Wan zero-inits the output layer
+        vae = V.WanVAE(V.VAE_CONFIGS["wan2.1"])
+    net = net.to(dt).eval().requires_grad_(False)
+    vae = V.channels_last(vae.to(dt).eval().requires_grad_(False))
+    prompts = [torch.randn(1, net.cfg.text_len, net.cfg.text_dim, device=dev, dtype=dt) for _ in range(2)]  # umT5
+    nf, c = latent_frames, net.cfg.chunk_frames
+    shape = (1, nf, 16, height // 8, width // 8)
+    frames = 1 + 4 * (nf - 1)
+
+    def video(switch: bool, decode: bool = True):
+        """One streamed video -> (wall s, first-chunk s, VAE GPU s)."""
+        contexts = [prompts[1 if switch and j * c >= switch_frame else 0] for j in range(nf // c)]
+        decoder, events, first = vae.stream(), [], None
+        g = torch.Generator(dev).manual_seed(0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for j, x0 in enumerate(M.stream(net, contexts, shape, generator=g, device=dev, switch_recache=switch)):
+            if decode:
+                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events[-1][0].record()
+                x = decoder(x0)  # (1, 9 or 12, 3, H, W) in [-1, 1]
+                x = ((x + 1) * 127.5).round().to(torch.uint8)
+                events[-1][1].record()
+            if j == 0:
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, first, sum(a.elapsed_time(b) for a, b in events) / 1000
+
+    def row(name, switch=False, sdpa=False, compiled=True, decode=True):
+        M.SDPA, M.COMPILE = sdpa, compiled
+        video(switch, decode)  # warm-up: autotuning, compilation, cuDNN plans, the allocator's pool
+        torch.cuda.reset_peak_memory_stats()
+        runs = [video(switch, decode) for _ in range(repeats)]
+        wall, first, vae_s = (statistics.median(r[i] for r in runs) for i in range(3))
+        dit = f"{frames / (wall - vae_s):9.1f}" if decode else f"{frames / wall:9.1f}"
+        print(f"{name:44s} {frames / wall if decode else float('nan'):7.1f} {dit} {1000 * first:9.0f} "
+              f"{wall:7.2f} {vae_s:6.2f} {torch.cuda.max_memory_allocated() / 2 ** 30:8.1f}", flush=True)
+
+    def vae_layout():
+        """The VAE alone on a whole video's latents, channels-last vs PyTorch's default layout."""
+        z = torch.randn(shape, device=dev, dtype=dt)
+        for cl in (False, True):  # channels-last last: the layout the other rows use
+            V.CHANNELS_LAST = cl
+            for m in vae.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                    fmt = (torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last) if cl \
+                        else torch.contiguous_format
+                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+            times = []
+            for i in range(repeats + 1):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                s = vae.stream()
+                for x in z.split(c, dim=1):
+                    s(x)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            print(f"VAE decode of {frames} frames alone, {'channels-last' if cl else 'default layout':15s}: "
+                  f"{statistics.median(times[1:]):.3f} s", flush=True)
+        V.CHANNELS_LAST = True
+
+    def profile():
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        M.SDPA, M.COMPILE = False, True
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall = video(False)[0]
+        kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]  # GPU kernels only
+        total = sum(e.self_device_time_total for e in kernels) / 1e6
+        print(f"\nprofile of one global-cache video (ours, compiled, decode), under the profiler: wall {wall:.2f} s, "
+              f"GPU kernels {total:.2f} s (the difference: the GPU waiting on Python)")
+        groups = {"attention (Triton, or SDPA)": ("_attn_fwd", "flash", "fmha", "sdpa"),
+                  "convolutions (VAE, patch embedding; cuDNN)": ("conv", "fprop", "implicit", "winograd", "cudnn"),
+                  "GEMMs (DiT linears)": ("gemm", "nvjet", "cutlass", "sm90", "cublas"),
+                  "fused elementwise (torch.compile)": ("triton_",),
+                  "other elementwise, norms, copies": ("elementwise", "vectorized", "copy", "cat", "reduce", "norm",
+                                                       "upsample", "fill", "index", "gelu", "silu")}
+        spent = {k: 0.0 for k in groups}
+        spent["other"] = 0.0
+        for e in kernels:
+            k = next((k for k, keys in groups.items() if any(s in e.key.lower() for s in keys)), "other")
+            spent[k] += e.self_device_time_total / 1e6
+        for k, s in spent.items():
+            print(f"  {k:44s} {s:6.2f} s  {100 * s / max(total, 1e-9):5.1f}%")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+
+    gpu = torch.cuda.get_device_name()
+    print(f"\nstreaming generation, {size} DiT ({net.num_params() / 1e9:.2f} B parameters, random weights), "
+          f"{height}x{width}, {nf} latent frames -> {frames} frames, chunks of {c}, 4 steps + 1 clean pass per chunk, "
+          f"batch 1, bf16, on {gpu}; torch {torch.__version__}; text encoding excluded")
+    print(f"{'row':44s} {'FPS':>7s} {'DiT only':>9s} {'first ms':>9s} {'wall s':>7s} {'VAE s':>6s} {'peak GiB':>8s}")
+    plan = {
+        "eager": lambda: row("global cache, ours, eager (no torch.compile)", compiled=False),
+        "triton": lambda: row("global cache (Self-Forcing), ours"),
+        "sdpa": lambda: row("global cache (Self-Forcing), SDPA", sdpa=True),
+        "longlive": lambda: row(f"sink+window, re-cache at frame {switch_frame}, ours", switch=True),
+        "longlive-sdpa": lambda: row(f"sink+window, re-cache at frame {switch_frame}, SDPA", switch=True, sdpa=True),
+        "no-decode": lambda: row("global cache, ours, no VAE decode", decode=False),
+        "vae-layout": vae_layout,
+        "profile": profile,
+    }
+    unknown = [name for name in rows_generate.split(",") if name not in plan]
+    if unknown:
+        raise SystemExit(f"error: unknown row '{unknown[0]}' (one of {', '.join(plan)})")
+    for name in rows_generate.split(","):
+        if budget_s and time.time() - t_start > budget_s:
+            print(f"(skipped '{name}': the {budget_s:.0f} s budget is spent)")
+            continue
+        if name.startswith("longlive"):
+            net.cfg.sink_frames, net.cfg.window_frames = 3, 9  # the same weights as LongLive: a 3 + 9 frame cache
+        else:
+            net.cfg.sink_frames, net.cfg.window_frames = 0, 0
+        try:
+            plan[name]()
+        except Exception as e:  # one failed row (a backend, the compiler) is reported, not fatal
+            print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", flush=True)
+    print(f"FPS = {frames} frames / wall time of the whole streamed video, VAE decode included; DiT only = without "
+          f"the VAE (its CUDA-event time taken out); first ms = until the first chunk's frames are decoded; "
+          f"SDPA = torch's scaled_dot_product_attention with its default backend choice")
+
+
 if __name__ == "__main__":
-    if mode == "scaling":
+    if mode == "generate":
+        bench_generate()
+    elif mode == "scaling":
         bench_scaling()
     elif mode == "memory":
         bench_memory()

@@ -13,6 +13,7 @@ Layout conventions: latents are (B, F, C, H, W); tokens are ordered (frame, row,
 attention tensors are (B, L, H, D) as Wan keeps them in its cache.
 """
 
+import functools
 import json
 import math
 import os
@@ -23,10 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attention as _attn
+from attention import attention_mask, visible_pairs
 
 # torch.compile (pretrain.py --compile) fuses the float32 norms and modulations around attention, but
 # it cannot trace the Triton kernel's autograd.Function: it calls the kernel as it is, between graphs.
 attention = torch.compiler.disable(_attn.attention)
+
+# Switches for inference speed, flipped by bench.py --generate and sample.py (like attention.BACKEND):
+SDPA = False      # attention through torch's scaled_dot_product_attention instead of our Triton kernel
+COMPILE = False   # CUDA inference: the elementwise helpers marked @fusable run as torch.compile'd kernels
 
 # -----------------------------------------------------------------------------
 # config
@@ -138,6 +144,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # -----------------------------------------------------------------------------
+# the elementwise parts of a block, in float32 as Wan computes them: in eager mode each is several full
+# passes over a (tokens, 1536) tensor; compiled (COMPILE, CUDA inference), one kernel each
+
+
+def fusable(fn):
+    """fn in eager mode, or, with COMPILE set, compiled by torch.compile for CUDA inference (no grad).
+    Training, autograd and the CPU always take the eager path; the arithmetic is the same."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        if COMPILE and args[0].is_cuda and not torch.is_grad_enabled():
+            compiled = compiled or torch.compile(fn)
+            return compiled(*args)
+        return fn(*args)
+    return call
+
+
+def rms_norm(x, weight, eps: float):
+    """Wan's RMSNorm: normalised in float32 whatever x's dtype; the result in x's dtype."""
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * weight.to(x.dtype)
+
+
+@fusable
+def norm_rope(x, weight, eps: float, heads: int, cos=None, sin=None):
+    """A q or k projection (B, L, C) -> RMSNorm (weight None: none) -> heads (B, L, H, D) -> RoPE (cos None: none)."""
+    x = x if weight is None else rms_norm(x, weight, eps)
+    x = x.unflatten(-1, (heads, -1))  # (B, L, H, D)
+    return x if cos is None else apply_rope(x, cos, sin)
+
+
+@fusable
+def adaln(x, shift, scale, eps: float, dtype):
+    """Wan's adaLN per latent frame: LayerNorm(x) * (1 + scale) + shift, every token of frame f using row f.
+    x (B, L, C) float32; shift, scale (B, F, C) -> (B, L, C) in dtype."""
+    nf = shift.shape[1]
+    h = F.layer_norm(x.float(), x.shape[-1:], eps=eps).unflatten(1, (nf, -1))  # (B, F, L/F, C)
+    return (h * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2).to(dtype)
+
+
+@fusable
+def gated_residual(x, h, gate):
+    """x + gate * h per latent frame, in float32. x (B, L, C) float32, h (B, L, C), gate (B, F, C)."""
+    nf = gate.shape[1]
+    return x + (h.float().unflatten(1, (nf, -1)) * gate[:, :, None]).flatten(1, 2)
+
+
+@fusable
+def layer_norm(x, weight, bias, eps: float, dtype):
+    """Affine LayerNorm in float32 (Wan's norm3), the result in dtype."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(dtype)
+
+
+def attend(q, k, v, **mask):
+    """Our Triton attention, or with SDPA set torch's scaled_dot_product_attention (given a boolean mask
+    only where the mask hides something: streaming chunks and LongLive's re-cache need none)."""
+    if not SDPA:
+        return attention(q, k, v, **mask)
+    Lq, Lk = q.shape[1], k.shape[1]
+    m = None if visible_pairs(Lq, Lk, **mask) == Lq * Lk else attention_mask(Lq, Lk, **mask, device=q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=m)
+    return out.transpose(1, 2)  # (B, Lq, H, D)
+
+
+# -----------------------------------------------------------------------------
 # the transformer
 
 
@@ -148,9 +220,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # Wan normalises in float32 whatever the weights' dtype
         # the weight in x's dtype: under autocast with float32 weights q and k stay bf16 like v (one kernel dtype)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -181,16 +252,21 @@ class Attention(nn.Module):
     def heads(self, x):
         return x.unflatten(-1, (self.h, self.d))  # (B, L, C) -> (B, L, H, D)
 
+    def qk(self, x, linear, norm, rope=(None, None)):
+        """q or k: projection, RMSNorm, heads, RoPE (rope: cos, sin; none for cross-attention) -> (B, L, H, D)."""
+        weight = norm.weight if isinstance(norm, RMSNorm) else None
+        return norm_rope(linear(x), weight, getattr(norm, "eps", 0.0), self.h, *rope)
+
     def self_attn(self, x, rope, mask: dict, cache=None, layer: int = 0):
-        q = apply_rope(self.heads(self.norm_q(self.q(x))), *rope)  # (B, L, H, D)
-        k = apply_rope(self.heads(self.norm_k(self.k(x))), *rope)  # (B, L, H, D)
+        q = self.qk(x, self.q, self.norm_q, rope)  # (B, L, H, D)
+        k = self.qk(x, self.k, self.norm_k, rope)  # (B, L, H, D)
         v = self.heads(self.v(x))  # (B, L, H, D)
         if cache is not None:  # write this chunk in place, attend to everything the cache holds
             k, v = cache.update(layer, k, v)  # views (B, L_valid, H, D), no copies
-        return self.o(attention(q, k, v, **mask).flatten(2))
+        return self.o(attend(q, k, v, **mask).flatten(2))
 
     def cross_attn(self, x, context, cache=None, layer: int = 0):
-        q = self.heads(self.norm_q(self.q(x)))  # (B, L, H, D)
+        q = self.qk(x, self.q, self.norm_q)  # (B, L, H, D)
         kv = cache.cross[layer] if cache is not None else None
         if kv is None:  # keys/values of a prompt are computed once and reused by every chunk
             kv = (self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)))  # (B, [n,] Lt, H, D)
@@ -198,9 +274,9 @@ class Attention(nn.Module):
                 cache.cross[layer] = kv
         if kv[0].dim() == 5:  # one prompt per chunk (a plan's step prompts): chunks fold into the batch
             B, n = kv[0].shape[:2]
-            out = attention(q.unflatten(1, (n, -1)).flatten(0, 1), kv[0].flatten(0, 1), kv[1].flatten(0, 1))
+            out = attend(q.unflatten(1, (n, -1)).flatten(0, 1), kv[0].flatten(0, 1), kv[1].flatten(0, 1))
             return self.o(out.unflatten(0, (B, n)).flatten(1, 2).flatten(2))  # (B, L, C)
-        return self.o(attention(q, *kv).flatten(2))
+        return self.o(attend(q, *kv).flatten(2))
 
 
 class Block(nn.Module):
@@ -217,19 +293,14 @@ class Block(nn.Module):
 
     def forward(self, x, e, context, rope, mask, cache=None, layer=0):
         """x (B, L, C) float32 residual stream; e (B, F, 6, C) per-frame modulation; context (B, Lt, C)."""
-        nf, dt = e.shape[1], self.modulation.dtype
+        dt = self.modulation.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e).unbind(2)  # (B, F, C)
-
-        def modulate(h, shift, scale):  # adaLN per latent frame: every token of frame f uses e[:, f]
-            return (h.unflatten(1, (nf, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2).to(dt)
-
-        def gated(h, gate):
-            return (h.float().unflatten(1, (nf, -1)) * gate[:, :, None]).flatten(1, 2)
-
-        x = x + gated(self.self_attn.self_attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer), gate1)
-        x = x + self.cross_attn.cross_attn(self.norm3(x).to(dt), context, cache, layer).float()
-        x = x + gated(self.ffn(modulate(self.norm2(x), shift2, scale2)), gate2)
-        return x
+        h = self.self_attn.self_attn(adaln(x, shift1, scale1, self.norm1.eps, dt), rope, mask, cache, layer)
+        x = gated_residual(x, h, gate1)
+        n3 = self.norm3
+        h = layer_norm(x, n3.weight, n3.bias, n3.eps, dt) if isinstance(n3, LayerNorm) else x.to(dt)
+        x = x + self.cross_attn.cross_attn(h, context, cache, layer)  # float32 + dt -> float32
+        return gated_residual(x, self.ffn(adaln(x, shift2, scale2, self.norm2.eps, dt)), gate2)
 
 
 class Head(nn.Module):
@@ -285,7 +356,8 @@ class WanDiT(nn.Module):
         context = F.pad(context, (0, 0, 0, pad))
         return self.text_embedding(context.to(self.patch_embedding.weight.dtype))
 
-    def forward(self, x, t, context, cache=None, start_frame: int = 0, text_embedded: bool = False):
+    def forward(self, x, t, context, cache=None, start_frame: int = 0, text_embedded: bool = False,
+                causal: bool = True):
         """Flow prediction v = noise - x0.
 
         x (B, F, C, H, W) latents, t (B, F) timesteps in [0, 1000] (one per latent frame), context the
@@ -294,6 +366,7 @@ class WanDiT(nn.Module):
         Without a cache: the whole clip under a block-causal mask (training; teacher forcing is
         t = 0 on the context frames). With a cache: x is the chunk(s) starting at start_frame; its
         queries attend to the cached frames plus themselves, and its keys/values are written to the cache.
+        causal=False: every query sees every key (the cache's, with a cache), as LongLive's re-cache runs.
         """
         cfg, dt = self.cfg, self.patch_embedding.weight.dtype
         B, nf = x.shape[:2]
@@ -318,6 +391,8 @@ class WanDiT(nn.Module):
         else:
             q_offset = cache.begin(start_frame, nf, S)
             mask = dict(q_offset=q_offset, chunk=cfg.chunk_frames * S)
+        if not causal:
+            mask = {}
         for i, block in enumerate(self.blocks):
             h = block(h, e0, ctx, rope, mask, cache, i)
         out = self.head(h, e).float()  # (B, L, p*q*r*out_dim)
@@ -398,22 +473,30 @@ class KVCache:
 
 
 @torch.no_grad()
-def recache(model: WanDiT, cache: KVCache, latents: torch.Tensor, context: torch.Tensor, num_frames: int = 12):
-    """LongLive's KV re-cache at a prompt switch.
+def recache(model: WanDiT, cache: KVCache, latents: torch.Tensor, context: torch.Tensor, num_frames: int = 0):
+    """LongLive's KV re-cache at a prompt switch (its `_recache_after_switch` in
+    pipeline/interactive_causal_inference.py, with `global_sink` as its released config sets it).
 
-    Cross-attention keys/values go, then the last min(num_frames, frames held) clean latent frames
-    are run again at t = 0 with the new prompt, which rewrites their self-attention keys/values
-    (the sink stays). latents (B, F, C, H, W): every clean frame generated so far.
+    The cross-attention keys/values go, then the last min(num_frames, frames so far) clean latent
+    frames run again at t = 0 with the new prompt, which rewrites their self-attention keys/values.
+    num_frames defaults to what the cache holds (LongLive: local_attn_size = sink + window = 12; a
+    global cache: every frame). As in LongLive, whose cached attention takes no mask, every re-run
+    query sees every key the cache holds (the sink, the window, all re-run frames), not only the
+    earlier ones. The sink slots keep the first prompt's keys unless the re-run starts at frame 0
+    (LongLive treats a re-run from frame 0 as a fresh prefill and rewrites them); re-run frames that
+    fall outside the window (LongLive computes them and discards their keys) are skipped.
+    latents (B, F, C, H, W): every clean frame generated so far.
     """
     cache.clear_cross()
     end = latents.shape[1]
-    oldest = max(cache.first, end - cache.window) if cache.window else 0
-    start = max(oldest, end - num_frames)
-    start = start - start % cache.chunk  # whole chunks, so the block-causal mask lines up
+    capacity = cache.sink + cache.window if cache.window else end
+    start = max(0, end - min(num_frames or capacity, capacity))
+    if start > 0 and cache.window:
+        start = max(start, cache.first)  # the sink's slots are protected; frames that left the window are gone
     if start >= end:
         return
     x = latents[:, start:end]
-    model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=start)
+    model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=start, causal=False)
 
 
 # -----------------------------------------------------------------------------
@@ -520,7 +603,7 @@ def stream(model: WanDiT, contexts: list, shape: tuple, sigmas=None, generator=N
     cache = KVCache(cfg, B, S, nf, device=device, dtype=dtype or model.patch_embedding.weight.dtype)
     frames = []
     for j in range(nf // c):
-        if j > 0 and not torch.equal(contexts[j], contexts[j - 1]):
+        if j > 0 and contexts[j] is not contexts[j - 1] and not torch.equal(contexts[j], contexts[j - 1]):
             if switch_recache:
                 recache(model, cache, torch.cat(frames, dim=1), contexts[j])
             else:

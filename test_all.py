@@ -346,21 +346,25 @@ def test_per_chunk_prompts_stream_equals_full_forward():
         assert (same - net(x, t, ctx[:, 0])).norm() / same.norm() < 1e-5
 
 
-def test_recache_same_prompt_changes_nothing():
-    cfg = M.CONFIGS["tiny"]
+def test_recache_keeps_the_sink_unless_it_restarts():
+    # LongLive's re-cache (see test_recache_matches_longlive_arithmetic for the whole order of operations)
+    cfg = M.ModelConfig(**{**M.asdict(M.CONFIGS["tiny"]), "sink_frames": 3, "window_frames": 6})  # holds 9 frames
     net = random_dit(cfg)
-    x, _, ctx = inputs(cfg, nf=9)
+    x, _, ctx = inputs(cfg, nf=15)
     zeros = torch.zeros(1, 3)
     with torch.no_grad():
-        cache = M.KVCache(cfg, 1, 16, 9)
-        for f0 in (0, 3, 6):
+        cache = M.KVCache(cfg, 1, 16, 15)
+        for f0 in range(0, 15, 3):
+            if f0 == 9:  # 9 frames so far, the cache's capacity: the re-run starts at frame 0, the sink too
+                k0 = cache.k.clone()
+                M.recache(net, cache, x[:, :9], torch.randn_like(ctx))
+                # layer 0's keys come before any cross-attention; in layer 1 every frame's keys are new
+                assert (cache.k[1] - k0[1]).abs().amax(dim=(0, 2, 3)).view(9, 16).amax(1).min() > 1e-3
             net(x[:, f0:f0 + 3], zeros, ctx, cache=cache, start_frame=f0)
-        k0 = cache.k.clone()
-        M.recache(net, cache, x, ctx, num_frames=6)  # frames 3..8 again, same prompt, t = 0
-        assert (cache.k - k0).abs().max() < 1e-5
-        M.recache(net, cache, x, torch.randn_like(ctx), num_frames=6)
-        assert (cache.k[:, :, :3 * 16] - k0[:, :, :3 * 16]).abs().max() == 0  # frames 0..2 kept
-        assert (cache.k[:, :, 3 * 16:] - k0[:, :, 3 * 16:]).abs().max() > 1e-3  # frames 3..8 rewritten
+        k0 = cache.k.clone()  # slots: frames 0-2 (sink), then frames 9-14
+        M.recache(net, cache, x, torch.randn_like(ctx))  # frames 9..14 again, with a new prompt
+        assert (cache.k[:, :, :3 * 16] - k0[:, :, :3 * 16]).abs().max() == 0  # the sink kept
+        assert (cache.k[:, :, 3 * 16:] - k0[:, :, 3 * 16:]).abs().max() > 1e-3  # the window rewritten
 
 
 def test_wan_state_dict_matches_reference():
@@ -1742,3 +1746,220 @@ def test_train_real_backbone_tiny(tmp_path, monkeypatch):
     assert os.path.exists(out / "executor.safetensors") and os.path.exists(out / "planner" / "model.safetensors")
     net = M.from_pretrained(str(out / "executor.safetensors"))  # the exported executor loads back in our format
     assert net.cfg == M.CONFIGS["tiny-wan"]
+
+# -----------------------------------------------------------------------------
+# real backbones end to end: LongLive's re-cache against its own arithmetic, sample.py on tiny checkpoints
+
+
+class LongLiveCache:
+    """LongLive's KV-cache arithmetic, transcribed (NVlabs/LongLive at 2462895, the last Wan2.1 release:
+    wan/modules/causal_model.py, CausalWanSelfAttention.forward with kv_cache and
+    CausalWanModel._apply_cache_updates), behind model.KVCache's interface. All layers share the
+    indices; `global_end` / `local_end` are its global_end_index / local_end_index, in tokens."""
+
+    def __init__(self, cfg, batch, S, local_attn_size, sink_size, num_frames):
+        self.S, self.sink_tokens = S, sink_size * S
+        size = num_frames * S if local_attn_size == -1 else local_attn_size * S  # kv_cache_size
+        self.max_attention_size = 10 ** 9 if local_attn_size == -1 else local_attn_size * S
+        self.k = torch.zeros(cfg.num_layers, batch, size, cfg.num_heads, cfg.head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.global_end = self.local_end = 0
+        self.local_attn = local_attn_size != -1
+        self.clear_cross()
+
+    def clear_cross(self):
+        self.cross = [None] * self.k.shape[0]
+
+    def begin(self, start_frame, num_frames, S):
+        current_start, num_new = start_frame * S, num_frames * S
+        current_end = current_start + num_new
+        size, sink = self.k.shape[2], self.sink_tokens
+        self.is_recompute = current_end <= self.global_end and current_start > 0
+        self.roll = self.local_attn and current_end > self.global_end and num_new + self.local_end > size
+        if self.roll:
+            self.evicted = num_new + self.local_end - size
+            self.rolled = self.local_end - self.evicted - sink
+            local_end = self.local_end + current_end - self.global_end - self.evicted
+        else:
+            local_end = self.local_end + current_end - self.global_end
+        local_start = local_end - num_new
+        self.write = (max(local_start, sink) if self.is_recompute else local_start, local_start, local_end)
+        if sink > 0:  # attention reads the sink, then the newest keys up to local_end
+            self.keys = (max(sink, local_end - (self.max_attention_size - sink)), local_end)
+        else:
+            self.keys = (max(0, local_end - self.max_attention_size), local_end)
+        if not self.is_recompute:  # "do not roll back pointers during recomputation"
+            self.global_end, self.local_end = current_end, local_end
+        return (self.sink_tokens + self.keys[1] - self.keys[0]) - num_new  # queries are the newest keys
+
+    def update(self, layer, k, v):
+        K, V, sink = self.k[layer], self.v[layer], self.sink_tokens
+        if self.roll:
+            n, e = self.rolled, self.evicted
+            K[:, sink:sink + n] = K[:, sink + e:sink + e + n].clone()
+            V[:, sink:sink + n] = V[:, sink + e:sink + e + n].clone()
+        write_start, local_start, local_end = self.write
+        off = write_start - local_start
+        K[:, write_start:local_end] = k[:, off:]
+        V[:, write_start:local_end] = v[:, off:]
+        a, b = self.keys
+        if sink > 0:
+            return torch.cat([K[:, :sink], K[:, a:b]], 1), torch.cat([V[:, :sink], V[:, a:b]], 1)
+        return K[:, a:b], V[:, a:b]
+
+
+def longlive_inference(net, prompts, switch_frame_indices, shape, seed, local_attn_size, sink_size):
+    """LongLive's InteractiveCausalInferencePipeline.inference with _recache_after_switch (global_sink:
+    true, context_noise 0), written over its cache arithmetic; the chunk sampler is ours (same noise)."""
+    cfg, (B, nf, C, H, W) = net.cfg, shape
+    S, c = (H // 2) * (W // 2), cfg.chunk_frames
+    cache = LongLiveCache(cfg, B, S, local_attn_size, sink_size, nf)
+    g = torch.Generator().manual_seed(seed)
+    output = torch.zeros(shape)
+    segment, switches = 0, list(switch_frame_indices) + [None]
+    for current_start in range(0, nf, c):
+        if switches[segment] is not None and current_start >= switches[segment]:
+            segment += 1
+            cache.clear_cross()
+            n = current_start if local_attn_size == -1 else min(local_attn_size, current_start)
+            frames = output[:, current_start - n:current_start]
+            net(frames, torch.zeros(B, n), prompts[segment], cache=cache, start_frame=current_start - n, causal=False)
+            cache.clear_cross()
+        noise = torch.randn((B, c, C, H, W), generator=g)
+        output[:, current_start:current_start + c] = M.sample_chunk(net, noise, prompts[segment], cache, current_start,
+                                                                    M.few_step_sigmas(), g)
+    return output
+
+
+@pytest.mark.parametrize("sink, window, switches", [(3, 9, [9]), (3, 9, [15]), (3, 9, [6, 18]), (0, 0, [9])])
+def test_recache_matches_longlive_arithmetic(sink, window, switches, monkeypatch):
+    monkeypatch.setattr(A, "BACKEND", "torch")  # the kernel has its own tests; the interpreter is slow
+    # our KVCache (sliding in place) + recache against LongLive's index arithmetic: a 21-frame video with
+    # prompt switches before the cache is full (the sink re-run too), after it (sink kept), and twice;
+    # (0, 0): a global cache, which LongLive re-runs whole (local_attn_size -1)
+    cfg = M.ModelConfig(**{**M.asdict(M.CONFIGS["tiny"]), "sink_frames": sink, "window_frames": window})
+    net = random_dit(cfg)
+    prompts = [torch.randn(1, 5, cfg.text_dim, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    shape = (1, 21, cfg.in_dim, 4, 6)
+    bounds = [0] + switches + [21]
+    contexts = [prompts[i] for i in range(len(bounds) - 1) for _ in range(bounds[i], bounds[i + 1], 3)]
+    with torch.no_grad():
+        ours = torch.cat(list(M.stream(net, contexts, shape, generator=torch.Generator().manual_seed(7),
+                                       switch_recache=True)), dim=1)
+        ref = longlive_inference(net, prompts, switches, shape, 7, sink + window if window else -1, sink)
+        plain = torch.cat(list(M.stream(net, contexts, shape, generator=torch.Generator().manual_seed(7))), dim=1)
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-5  # float32; only summation order differs
+    assert (plain - ref).abs().max() / ref.abs().max() > 1e-3  # and the re-cache does change the video
+
+
+TINY_WAN = M.ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=16, text_len=8)
+REAL = dict(height=32, width=48)  # -> 4x6 latents, 2x3 tokens a frame
+
+
+@pytest.fixture
+def real_files(tmp_path, monkeypatch):
+    """A Self-Forcing and a LongLive download of tiny random files in the real formats, and the flags that
+    point sample.py at them (a 16-channel DiT 'tiny-wan' for the tiny VAE, the tiny umT5's 16 dims)."""
+    monkeypatch.setitem(M.CONFIGS, "tiny-wan", TINY_WAN)
+    monkeypatch.setattr(A, "BACKEND", "torch")  # the CPU product path
+    torch.manual_seed(0)
+    nets = [random_dit(TINY_WAN, seed=i) for i in range(2)]
+    save_training_dict(tmp_path / "self_forcing_dmd.pt", {"generator_ema": nets[0], "generator": nets[1]})
+    save_training_dict(tmp_path / "longlive_base.pt", {"generator": nets[1]})
+    save_lora(tmp_path / "lora.pt", nets[1], 4)
+    torch.save(random_vae().state_dict(), tmp_path / "Wan2.1_VAE.pth")
+    tiny_t5().save_pretrained(tmp_path / "text_encoder")
+    flags = [f"--executor_config=tiny-wan", "--vae_config=tiny", f"--vae_ckpt={tmp_path / 'Wan2.1_VAE.pth'}",
+             f"--t5_ckpt={tmp_path / 'text_encoder'}", f"--t5_tokenizer={tiny_tokenizer(tmp_path / 'umt5-xxl')}",
+             f"--height={REAL['height']}", f"--width={REAL['width']}", "--device=cpu", f"--out={tmp_path / 'out'}"]
+    return tmp_path, {"selfforcing": flags + [f"--executor_ckpt={tmp_path / 'self_forcing_dmd.pt'}"],
+                      "longlive": flags + [f"--executor_ckpt={tmp_path / 'longlive_base.pt'}",
+                                           f"--lora_ckpt={tmp_path / 'lora.pt'}", "--lora_rank=4", "--lora_alpha=4.0"]}
+
+
+def run_sample(monkeypatch, *args):
+    """sample.py's main() in a fresh namespace, as `python sample.py ARGS` runs it; returns what main returns."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    return runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="sample_under_test")["main"]()
+
+
+@pytest.mark.parametrize("name", ["selfforcing", "longlive"])
+def test_sample_real_backbone_end_to_end(real_files, monkeypatch, capsys, name):
+    # config/<name>.py with tiny files: step prompts, streamed chunk by chunk, each chunk VAE-decoded as it comes
+    tmp, flags = real_files
+    nf, switch = (6, 3) if name == "selfforcing" else (9, 6)  # LongLive: a 3 + 3 frame cache, re-cache at frame 6
+    steps = ["the red circle moves left", "the red circle turns blue"]
+    extra = ["--sink_frames=3", "--window_frames=3"] if name == "longlive" else []
+    video = run_sample(monkeypatch, f"config/{name}.py", *flags[name], *extra, f"--latent_frames={nf}",
+                       "--prompt=a red circle moves left then turns blue", "--mode=steps",
+                       f"--steps={' | '.join(steps)}", f"--switch={switch}")
+    out = capsys.readouterr().out
+    assert f"frames  0- {switch - 1}  {steps[0]}" in out and f"frames  {switch}- {nf - 1}  {steps[1]}" in out
+    T = 1 + 4 * (nf - 1)
+    assert video.shape == (T, REAL["height"], REAL["width"], 3) and video.dtype == np.uint8
+    from PIL import Image
+    with Image.open(tmp / "out" / "sample.webp") as anim:
+        assert anim.n_frames == T and anim.size == (REAL["width"], REAL["height"])
+        anim.seek(T - 1)
+        anim.load()
+        assert abs(anim.info["duration"] - 1000 / 16) <= 1  # 16 fps (whole milliseconds)
+    assert Image.open(tmp / "out" / "sample.png").size[0] > REAL["width"] // 4 * 3
+    # the same video made independently: the backbone's parts loaded directly, all latents first, then one decode
+    import vae as V
+    ckpt = flags[name][-1 if name == "selfforcing" else -4].split("=", 1)[1]
+    kw = dict(lora=str(tmp / "lora.pt"), lora_rank=4, lora_alpha=4.0, sink_frames=3, window_frames=3) \
+        if name == "longlive" else {}
+    net = B.load_executor(ckpt, "tiny-wan", "generator" if name == "longlive" else "generator_ema", **kw)
+    ctx = B.encode(B.load_t5(str(tmp / "text_encoder")), B.load_tokenizer(str(tmp / "umt5-xxl")), steps, text_len=8)
+    contexts = [ctx[int(f >= switch):int(f >= switch) + 1] for f in range(0, nf, 3)]
+    with torch.no_grad():
+        latents = torch.cat(list(M.stream(net, contexts, (1, nf, 16, 4, 6), M.few_step_sigmas(),
+                                          generator=torch.Generator().manual_seed(0),
+                                          switch_recache=name == "longlive")), dim=1)
+        ref = V.load_vae(str(tmp / "Wan2.1_VAE.pth"), cfg="tiny").decode(latents, chunk_frames=nf)[0]
+    ref = ((ref + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(video.astype(int) - ref.astype(int)).max() <= 1  # float32 both ways; uint8 rounding may differ
+
+
+def test_sample_real_backbone_with_a_planner(real_files, monkeypatch, capsys):
+    # --planner: a Hugging Face causal LM folder with a chat template (Qwen3-8B in real use; a random tiny one
+    # here, whose plan is not valid, so the global prompt stands in, as on the world)
+    tmp, flags = real_files
+    tok = _word_tokenizer(chat_template=_CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    P.tiny_qwen3(tok).save_pretrained(tmp / "qwen3")
+    tok.save_pretrained(tmp / "qwen3")
+    video = run_sample(monkeypatch, "config/selfforcing.py", *flags["selfforcing"], "--latent_frames=3",
+                       "--prompt=a red circle moves left", f"--planner={tmp / 'qwen3'}", "--animation=gif")
+    out = capsys.readouterr().out
+    assert "the planner's plan is not valid" in out and "frames  0- 2  a red circle moves left" in out
+    assert video.shape[0] == 9 and (tmp / "out" / "sample.gif").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "--mode=plan on a real backbone needs --planner="),
+    (["--mode=global", "--executor_ckpt=nowhere/self_forcing_dmd.pt"],
+     "config/selfforcing.py: executor checkpoint 'nowhere/self_forcing_dmd.pt' not found (expected Self-Forcing's"),
+    (["--mode=global", "--latent_frames=4"], "--latent_frames must be a multiple of the chunk (3), got 4"),
+    (["--mode=global", "--animation=mp4"], "unknown animation format 'mp4'"),
+    (["--mode=steps", "--steps=a | b", "--switch=30"], "--switch needs 1 increasing frames in 1..20"),
+])
+def test_sample_real_backbone_bad_input_one_line(real_files, monkeypatch, capsys, args, words):
+    _, flags = real_files
+    with pytest.raises(SystemExit) as e:
+        run_sample(monkeypatch, "config/selfforcing.py", *flags["selfforcing"], "--prompt=a red circle", *args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.strip().count("\n") == 0, err
+
+
+def test_vae_channels_last_equals_default_layout():
+    # the GPU decodes channels-last (NDHWC); the same arithmetic in either layout (float32, on the CPU here)
+    vae = random_vae(seed=3)
+    z = torch.randn(1, 6, 16, 3, 5)
+    s1, s2 = vae.stream(), vae.stream()
+    for c in z.split(3, dim=1):
+        a = s1(c)
+        zc = c.transpose(1, 2).contiguous(memory_format=torch.channels_last_3d)  # what StreamDecoder does on a GPU
+        mean, std = vae.stats(zc)
+        b = vae.decoder(vae.conv2(zc * std + mean), s2.cache).clamp(-1, 1).transpose(1, 2)
+        assert rel_err(b, a) < 1e-5

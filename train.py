@@ -73,7 +73,8 @@ gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
 executor_lr = 1e-4
-sample_steps = None       # per chunk: an int = Euler steps (the world: 10), a tuple = a distilled sampler's timesteps
+sample_steps = 10         # the world: Euler steps per chunk
+denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
 noise_level = 0.7         # Flow-GRPO's a
 clip_range = 1e-3         # executor ratio clip
@@ -153,15 +154,14 @@ if not (train_planner or train_executor):
 if planner_shard not in ("auto", "always", "never"):
     die(f"planner_shard must be auto, always or never, not '{planner_shard}'")
 T = latent_frames if real else world.T
-if sample_steps is None:
-    sample_steps = (1000, 750, 500, 250) if real else 10  # Self-Forcing's 4 distilled steps / the world's Euler steps
-if isinstance(sample_steps, int) and sample_steps >= 2:
+if not real and isinstance(sample_steps, int) and sample_steps >= 2:
     sampler, sigmas = "ode", Mod.ode_sigmas(sample_steps, sample_shift).tolist() + [0.0]  # sigma_0 = 1 > ... > 0
-elif isinstance(sample_steps, tuple) and len(sample_steps) >= 2 and all(isinstance(t, int) and 0 < t <= 1000
-                                                                        for t in sample_steps):
-    sampler, sigmas = "renoise", Mod.few_step_sigmas(sample_steps, timestep_shift).tolist() + [0.0]
+elif real and len(denoising_steps) >= 2 and all(isinstance(t, int) and 0 < t <= 1000 for t in denoising_steps):
+    sampler, sigmas = "renoise", Mod.few_step_sigmas(denoising_steps, timestep_shift).tolist() + [0.0]
+elif real:
+    die(f"denoising_steps must be a tuple of >= 2 timesteps in 1..1000, not {denoising_steps!r}")
 else:
-    die(f"sample_steps must be an int >= 2 (Euler steps) or a tuple of >= 2 timesteps in 1..1000, not {sample_steps!r}")
+    die(f"sample_steps must be an int >= 2 (Euler steps per chunk), not {sample_steps!r}")
 K = len(sigmas) - 2  # policy steps per transition chunk: every step but the last (its Gaussian has no width)
 
 

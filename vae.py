@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from model import check_state_dict, read_state_dict
 
+CHANNELS_LAST = True  # GPU decoding in NDHWC (bench.py --generate measures both layouts)
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -71,12 +73,18 @@ class CausalConv3d(nn.Conv3d):
         past = self.kernel_size[0] - 1  # 2 for the 3-frame kernels, 0 for pointwise ones
         if past:
             prev = cache.get(self) if cache is not None else None
-            if prev is None:
-                prev = x.new_zeros(x.shape[0], x.shape[1], past, *x.shape[3:])  # the video's start
+            if prev is None:  # the video's start, in x's memory layout (channels-last on the GPU)
+                prev = x.new_zeros(x.shape[0], x.shape[1], past, *x.shape[3:]).contiguous(memory_format=layout(x))
             x = torch.cat([prev, x], dim=2)  # (B, C, past + T, H, W)
             if cache is not None:
                 cache[self] = x[:, :, -past:].clone()  # a copy, so the chunk itself can be freed
         return super().forward(x)
+
+
+def layout(x: torch.Tensor):
+    """channels_last_3d for a video tensor stored channels-last (how the GPU path runs), else contiguous."""
+    cl = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if cl else torch.contiguous_format
 
 
 class RMSNorm(nn.Module):
@@ -85,11 +93,12 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, video: bool = True):
         super().__init__()
-        self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if video else torch.ones(dim, 1, 1))
 
     def forward(self, x):  # (B, C, ...)
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # x / max(|x|, 1e-12) * sqrt(C) is x / rms(x) but for the eps: one fused pass over channels-last memory
+        # (Wan writes F.normalize, several passes). Returns channels-last whatever x's layout.
+        return F.rms_norm(x.movedim(1, -1), x.shape[1:2], self.gamma.flatten(), 1e-12).movedim(-1, 1)
 
 
 def apply(layer, x, cache):
@@ -288,7 +297,8 @@ class WanVAE(nn.Module):
 
 class StreamDecoder:
     """Decodes one video's latents chunk by chunk as the DiT produces them; holds every causal
-    conv's past between calls. A new video needs a new StreamDecoder."""
+    conv's past between calls. A new video needs a new StreamDecoder. On the GPU activations are
+    kept channels-last (NDHWC), the layout cuDNN's fast bf16 convolution kernels use."""
 
     def __init__(self, vae: WanVAE):
         self.vae, self.cache = vae, {}
@@ -297,6 +307,8 @@ class StreamDecoder:
         """(B, f, 16, h, w) normalised latents -> (B, 4f frames, or 1 + 4(f - 1) on the first call, 3, 8h, 8w)."""
         vae = self.vae
         z = latents.transpose(1, 2).to(vae.conv2.weight.dtype)  # (B, 16, f, h, w)
+        if z.is_cuda and CHANNELS_LAST:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         mean, std = vae.stats(z)
         x = vae.decoder(vae.conv2(z * std + mean), self.cache)  # (B, 3, T, 8h, 8w)
         return x.clamp(-1, 1).transpose(1, 2)  # (B, T, 3, 8h, 8w)
@@ -320,5 +332,15 @@ def load_vae(path: str, device="cpu", dtype=torch.float32, cfg: VAEConfig | str 
     check_state_dict(vae, sd, f"{path} (expected a Wan2.1 VAE state dict, config '{name}', "
                               f"{len(vae.state_dict())} tensors)")
     vae.load_state_dict(sd, assign=True)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return channels_last(vae.to(device=device, dtype=dtype).eval().requires_grad_(False))
+
+
+def channels_last(vae: WanVAE) -> WanVAE:
+    """Convolution weights stored channels-last on the GPU, to match the activations there."""
+    if CHANNELS_LAST and next(vae.parameters()).is_cuda:
+        for m in vae.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+    return vae
 

@@ -15,6 +15,6 @@ window_frames = 0
 height = 480                          # video pixels; latents are 60x104 (VAE stride 8), 1560 tokens a frame
 width = 832
 latent_frames = 21                    # 7 chunks of 3 -> 81 video frames at 16 fps
-sample_steps = (1000, 750, 500, 250)  # the distilled sampler's timesteps per chunk
+denoising_steps = (1000, 750, 500, 250)  # the distilled sampler's timesteps per chunk (denoising_step_list)
 timestep_shift = 5.0                  # ... warped through the shifted flow schedule
 switch_recache = False                # a prompt switch only rebuilds the cross-attention cache

@@ -7,7 +7,7 @@
 # rolled out in their place (the planner still gets reward 0 and its GSPO update runs).
 backbone = "selfforcing"
 executor_config = "wan-1.3b"
-sample_steps = (1000, 750, 500, 250)
+denoising_steps = (1000, 750, 500, 250)
 timestep_shift = 5.0
 height = 480
 width = 832
