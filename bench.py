@@ -62,7 +62,7 @@ for a in list(sys.argv[1:]):  # `--kernel`, `--check`, `--quality`, ... are shor
     elif a == "--check":
         sys.argv.remove(a)
         check = True
-from configurator import configure  # noqa: E402
+from configurator import configure, die  # noqa: E402
 
 configure(globals())
 
@@ -78,7 +78,6 @@ def bench_kernel():
 
     from attention import attention, attention_flops, attention_mask
 
-    assert torch.cuda.is_available(), "--kernel needs a CUDA GPU"
     dev, dt = "cuda", getattr(torch, dtype)
     flex = torch.compile(flex_attention, dynamic=False)
     H, D, S, c = heads, head_dim, frame_tokens, chunk_frames
@@ -329,7 +328,6 @@ def bench_generate():
     import model as M
     import vae as V
 
-    assert torch.cuda.is_available(), "--generate needs a CUDA GPU"
     dev, dt = device, torch.bfloat16
     torch.backends.cudnn.benchmark = True  # the VAE's conv shapes repeat every chunk
     t_start = time.time()
@@ -459,6 +457,8 @@ def bench_generate():
 
 
 if __name__ == "__main__":
+    if mode in ("kernel", "generate", "scaling") and not torch.cuda.is_available():
+        die(f"--{mode} measures GPUs: no CUDA GPU here")
     if mode == "generate":
         bench_generate()
     elif mode == "scaling":
