@@ -378,11 +378,7 @@ def bench_generate():
         z = torch.randn(shape, device=dev, dtype=dt)
         for cl in (False, True):  # channels-last last: the layout the other rows use
             V.CHANNELS_LAST = cl
-            for m in vae.modules():
-                if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
-                    fmt = (torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last) if cl \
-                        else torch.contiguous_format
-                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+            V.channels_last(vae)
             times = []
             for i in range(repeats + 1):
                 torch.cuda.synchronize()

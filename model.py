@@ -214,29 +214,23 @@ def attend(q, k, v, **mask):
 
 
 class RMSNorm(nn.Module):
+    """Wan's norm_q / norm_k parameters; computed by norm_rope together with the heads split and RoPE."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # the weight in x's dtype: under autocast with float32 weights q and k stay bf16 like v (one kernel dtype)
-        return rms_norm(x, self.weight, self.eps)
-
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in float32; affine=False has no parameters (Wan's norm1, norm2, head.norm)."""
+    """Wan's float32 LayerNorms (norm1, norm2, head.norm: no parameters; norm3: affine); computed by adaln
+    together with the modulation, or by layer_norm."""
 
     def __init__(self, dim: int, eps: float, affine: bool):
         super().__init__()
-        self.dim, self.eps = dim, eps
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
         self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
-
-    def forward(self, x):
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), w, b, self.eps)
 
 
 class Attention(nn.Module):
@@ -269,7 +263,7 @@ class Attention(nn.Module):
         q = self.qk(x, self.q, self.norm_q)  # (B, L, H, D)
         kv = cache.cross[layer] if cache is not None else None
         if kv is None:  # keys/values of a prompt are computed once and reused by every chunk
-            kv = (self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)))  # (B, [n,] Lt, H, D)
+            kv = (self.qk(context, self.k, self.norm_k), self.heads(self.v(context)))  # (B, [n,] Lt, H, D)
             if cache is not None:
                 cache.cross[layer] = kv
         if kv[0].dim() == 5:  # one prompt per chunk (a plan's step prompts): chunks fold into the batch
@@ -312,10 +306,8 @@ class Head(nn.Module):
 
     def forward(self, x, e):
         """x (B, L, C); e (B, F, C) the time embedding before projection -> (B, L, prod(patch) * out_dim)."""
-        nf = e.shape[1]
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)  # (B, F, C)
-        h = self.norm(x).unflatten(1, (nf, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]
-        return self.head(h.flatten(1, 2).to(self.head.weight.dtype))
+        return self.head(adaln(x, shift, scale, self.norm.eps, self.head.weight.dtype))
 
 
 class WanDiT(nn.Module):

@@ -1315,6 +1315,15 @@ def test_vae_streaming_equals_one_shot():
     assert rel_err(vae.stream()(z[:, 3:6])[:, -4:], chunks[1][:, -4:]) > 1e-2
 
 
+def test_vae_norm_is_wans_formula():
+    # Wan writes F.normalize(x, dim=1) * sqrt(C) * gamma; ours is one F.rms_norm pass (channels-last friendly)
+    torch.manual_seed(0)
+    norm = V.RMSNorm(96)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 96, 5, 7, 9)
+    assert rel_err(norm(x), F.normalize(x, dim=1) * 96 ** 0.5 * norm.gamma) < 1e-6
+
+
 def test_vae_encoder_decoder_round_trip_shapes():
     vae = random_vae(seed=2)
     video = torch.rand(2, 9, 3, 24, 40) * 2 - 1  # (B, 1 + 4n, 3, H, W)

@@ -336,11 +336,13 @@ def load_vae(path: str, device="cpu", dtype=torch.float32, cfg: VAEConfig | str 
 
 
 def channels_last(vae: WanVAE) -> WanVAE:
-    """Convolution weights stored channels-last on the GPU, to match the activations there."""
-    if CHANNELS_LAST and next(vae.parameters()).is_cuda:
+    """Convolution weights stored channels-last on the GPU, to match the activations there (with
+    CHANNELS_LAST unset: back in the default layout)."""
+    if next(vae.parameters()).is_cuda:
         for m in vae.modules():
             if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
+                fmt = (torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last) if CHANNELS_LAST \
+                    else torch.contiguous_format
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
     return vae
 
