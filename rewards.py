@@ -294,7 +294,7 @@ def expected_score(logits: torch.Tensor, ids: dict[int, float], min_mass: float 
     """logits (V,) at the answer position -> (E[score] over the answer tokens or None, their total mass)."""
     if not ids:
         return None, 0.0
-    probs = torch.softmax(logits.float(), -1)[list(ids)]  # (A,)
+    probs = torch.softmax(logits.float(), -1)[list(ids)].cpu()  # (A,) on the host, where the scores are
     mass = probs.sum().item()
     if not math.isfinite(mass) or mass < min_mass:  # the model is not answering on this scale
         return None, mass
