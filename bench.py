@@ -157,21 +157,27 @@ def bench_kernel():
 
 
 def check_kernel():
-    """bf16 kernel vs a float32 reference at the Wan shapes: max relative errors of out, dq, dk, dv."""
+    """bf16 kernel vs a float32 reference at the Wan shapes and at the world executor's training shapes
+    (several rows, 4 heads of 64, 64 tokens a frame): max relative errors of out, dq, dk, dv."""
     from attention import attention, attention_reference
 
     dev = "cuda"
     H, D, S, c = heads, head_dim, frame_tokens, chunk_frames
-    cases = [("chunk vs 21-frame cache", c * S, 21 * S, 18 * S, 0, 0, 0),  # inference: no mask, split-KV
-             ("chunk vs 21-frame, chunked", c * S, 21 * S, 18 * S, c * S, 0, 0),
-             ("block-causal 21 frames", 21 * S, 21 * S, 0, c * S, 0, 0),
-             ("LongLive window 21 frames", 21 * S, 21 * S, 0, c * S, 3 * S, 9 * S)]
+    # (name, B, H, D, Lq, Lk, q_offset, chunk, sink, window)
+    cases = [("chunk vs 21-frame cache", 1, H, D, c * S, 21 * S, 18 * S, 0, 0, 0),  # inference: no mask, split-KV
+             ("chunk vs 21-frame, chunked", 1, H, D, c * S, 21 * S, 18 * S, c * S, 0, 0),
+             ("block-causal 21 frames", 1, H, D, 21 * S, 21 * S, 0, c * S, 0, 0),
+             ("LongLive window 21 frames", 1, H, D, 21 * S, 21 * S, 0, c * S, 3 * S, 9 * S),
+             ("world update, 24 frames", 8, 4, 64, 24 * 64, 24 * 64, 0, 3 * 64, 0, 0),  # train.py's transition_step
+             ("world update, 13 frames", 3, 4, 64, 13 * 64, 13 * 64, 0, 3 * 64, 0, 0),
+             ("world rollout, chunk vs cache", 16, 4, 64, 3 * 64, 15 * 64, 12 * 64, 0, 0, 0),
+             ("odd sizes", 2, 3, 64, 1000, 1000, 0, 200, 0, 0)]
     print(f"\nbf16 kernel vs float32 reference (fresh random inputs), on {torch.cuda.get_device_name()}")
-    print(f"{'case':28s} {'out':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}   (max |a-b| / max |b|)")
-    for name, Lq, Lk, q_off, ch, sink, window in cases:
+    print(f"{'case':30s} {'out':>9s} {'dq':>9s} {'dk':>9s} {'dv':>9s}   (max |a-b| / max |b|)")
+    for name, B, h, d, Lq, Lk, q_off, ch, sink, window in cases:
         torch.manual_seed(len(name))
-        q, k, v = (torch.randn(1, L, H, D, device=dev) for L in (Lq, Lk, Lk))
-        do = torch.randn(1, Lq, H, D, device=dev)
+        q, k, v = (torch.randn(B, L, h, d, device=dev) for L in (Lq, Lk, Lk))
+        do = torch.randn(B, Lq, h, d, device=dev)
         kw = dict(q_offset=q_off, chunk=ch, sink=sink, window=window)
         errs = []
         ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -182,7 +188,7 @@ def check_kernel():
         our_g = torch.autograd.grad(out, our_in, do.to(torch.bfloat16))
         for a, b in zip((out, *our_g), (ref, *ref_g)):
             errs.append(((a.float() - b).abs().max() / b.abs().max()).item())
-        print(f"{name:28s} " + " ".join(f"{e:9.2e}" for e in errs))
+        print(f"{name:30s} " + " ".join(f"{e:9.2e}" for e in errs))
 
 
 def judge_videos(videos, instructions, plans):

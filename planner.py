@@ -161,12 +161,21 @@ def blend_contexts(contexts: torch.Tensor, weights) -> torch.Tensor:
 # GSPO (planner RL)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO advantages: (r - mean) / (std + eps) within each consecutive group of `group_size`."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, std: str = "group") -> torch.Tensor:
+    """
+    GRPO advantages (r - group mean) / (std + eps) for each consecutive group of `group_size`, with std
+    the group's own (GRPO, TRL) or, std="batch", one std of all the rewards (Flow-GRPO's global_std).
+    A group's own std turns differences however small into advantages of order 1: where the main
+    reward ties within a group, a side reward decides alone, whatever its weight. One batch std keeps
+    the reward weights meaningful.
+    """
     r = rewards.view(-1, group_size)  # (B, M)
     r = r if r.is_floating_point() else r.float()
-    std = r.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(r)  # unbiased, as GRPO/TRL
-    return ((r - r.mean(1, keepdim=True)) / (std + eps)).view(-1)  # (B*M,)
+    if group_size < 2:
+        s = torch.zeros_like(r)
+    else:  # unbiased, as GRPO/TRL
+        s = r.std(1, keepdim=True) if std == "group" else r.std().expand_as(r)
+    return ((r - r.mean(1, keepdim=True)) / (s + eps)).view(-1)  # (B*M,)
 
 
 def minibatches(n: int, num_minibatches: int = 4, generator=None) -> list[torch.Tensor]:

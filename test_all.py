@@ -790,6 +790,27 @@ def test_group_advantages_and_minibatches():
     parts = P.minibatches(10, 4, torch.Generator().manual_seed(0))
     assert len(parts) == 4 and sorted(torch.cat(parts).tolist()) == list(range(10))
 
+
+def test_batch_std_keeps_reward_weights():
+    """Group 0's main reward ties (0.5 each), so only a small side reward (weight w) tells its rows
+    apart; group 1's main reward differs. A group's own std makes group 0's advantages as large as
+    group 1's for any w; one batch std scales them with w, as the weight says."""
+    g = torch.Generator().manual_seed(0)
+    side = torch.rand(8, generator=g)
+    main = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 1.0, 0.0, 1.0])
+    for std, expect_scaled in (("group", False), ("batch", True)):
+        a1, a2 = (P.group_advantages(main + w * side, 4, std=std).view(2, 4) for w in (0.01, 0.1))
+        assert torch.allclose(a1.mean(1), torch.zeros(2), atol=1e-5)
+        ratio = (a2[0].abs().sum() / a1[0].abs().sum()).item()  # group 0 when w grows tenfold
+        if expect_scaled:
+            assert 8 < ratio < 12 and a1[0].abs().max() < 0.05 * a1[1].abs().max()
+        else:
+            assert abs(ratio - 1) < 0.05  # eps 1e-4 against a std of about 3e-3
+    r = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2, 0.9, 0.4, 0.1])
+    b = P.group_advantages(r, 4, std="batch")
+    ref = (r.view(2, 4) - r.view(2, 4).mean(1, keepdim=True)).view(-1) / (r.std() + 1e-4)
+    assert torch.allclose(b, ref, atol=1e-6)
+
 # -----------------------------------------------------------------------------
 # the plan format
 

@@ -81,6 +81,7 @@ clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 1.0
 adv_clip = 5.0
+adv_std = "group"         # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std)
 num_minibatches = 4       # each rollout batch is split in 4 updates, for both models
 grad_clip = 1.0
 ckpt_every = 10           # iterations between checkpoints
@@ -115,6 +116,7 @@ planner_shard = "auto"    # FSDP2 for the planner under torchrun: auto (real bac
 rollout_rows = 0          # rows streamed (and VAE-decoded) together; 0 = all
 micro_batch = 0           # executor update: rows per forward/backward; 0 = a whole minibatch
 grad_ckpt = False         # recompute activations in the backward (executor blocks, planner layers)
+sdpa = False              # attention through torch's SDPA instead of our Triton kernel (model.SDPA)
 offload = False           # frozen models wait in host memory and visit the GPU for their phase only
 random_weights = False    # benchmarks: every model built at full size with random weights, nothing read
 planner_layers = 36       # random_weights: the Qwen3-8B-shaped planner's depth
@@ -153,6 +155,9 @@ if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 if planner_shard not in ("auto", "always", "never"):
     die(f"planner_shard must be auto, always or never, not '{planner_shard}'")
+if adv_std not in ("group", "batch"):
+    die(f"adv_std must be group or batch, not '{adv_std}'")
+Mod.SDPA = sdpa
 T = latent_frames if real else world.T
 if not real and isinstance(sample_steps, int) and sample_steps >= 2:
     sampler, sigmas = "ode", Mod.ode_sigmas(sample_steps, sample_shift).tolist() + [0.0]  # sigma_0 = 1 > ... > 0
@@ -793,13 +798,13 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     # 4. the updates
     stats = {}
     if train_planner:
-        adv = group_advantages(r_plan, M).clamp(-adv_clip, adv_clip).to(device)
+        adv = group_advantages(r_plan, M, std=adv_std).clamp(-adv_clip, adv_clip).to(device)
         stats |= planner_update(samples, adv)
     sync()
     t_planner = time.time() - t3
     if train_executor:
         if len(rows):
-            adv = group_advantages(r_exec, N).clamp(-adv_clip, adv_clip).to(device)
+            adv = group_advantages(r_exec, N, std=adv_std).clamp(-adv_clip, adv_clip).to(device)
             d = rows.to(device)
             stats |= executor_update(lat[d], ctx[d], switch[rows], xs[d], x_nexts[d], logp_old[d], adv)
         else:  # nothing to learn from here; still join the other ranks' all-reduces
