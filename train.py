@@ -820,6 +820,11 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
              "r_local": torch.tensor([scores[r]["local"] for r in rows.tolist()]).mean() if len(rows) else torch.tensor(0.0),
              "r_aesthetic": torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()]).mean() if len(rows) else torch.tensor(0.0),
              "valid_plans": torch.tensor(sum(p is not None for p, _ in parsed) / len(parsed))}
+    if len(rows):  # execution groups whose N continuations tie on the local reward: the aesthetic alone ranks them
+        loc = torch.tensor([scores[r]["local"] for r in rows.tolist()]).view(-1, N)  # (groups, N)
+        means["local_ties"] = (loc.amax(1) == loc.amin(1)).float().mean()
+    else:
+        means["local_ties"] = torch.tensor(0.0)
     means = {k: all_mean(v.float().to(device)).item() for k, v in means.items()}
     per_rank = torch.tensor([len(plans) * N] + [mem[k] for k in ("plan", "rollout", "judge", "update")], device=device)
     if ddp:  # rollouts summed over ranks; memory peaks gathered per rank
@@ -830,7 +835,7 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     rollouts = int(per_rank[:, 0].sum())
     if ddp:  # the ranks' weights must stay identical: averaged gradients, same optimizer steps
         params = list(executor.parameters()) + ([] if fsdp else list(planner.model.parameters()))  # FSDP2: one copy
-        sums = torch.tensor([sum(p.double().sum() for p in params)], device=device)
+        sums = torch.stack([p.detach().double().sum() for p in params]).sum().view(1).to(device)
         lo, hi = sums.clone(), sums.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
