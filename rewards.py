@@ -118,7 +118,9 @@ def local_step_following(video, span, prev_step: str | None, next_step: str) -> 
     if not 0 <= s < e <= len(v):
         return 0.0
     dets = perceive(v)
-    n = max(1, int(np.median([len(d) for d in dets])))
+    # objects shown; one more than the prompt names is enough to see an extra one move, and the
+    # tracker's exhaustive assignment grows factorially with it (a speckled video shows dozens)
+    n = min(max(1, int(np.median([len(d) for d in dets]))), len(n_objs) + 1)
     tracks = track(dets, n)
     events = detect_events(tracks, move_min=2.0)  # a chunk holds only the start of a move
     at = lambda tr: tr[max(s - 1, 0)]

@@ -618,6 +618,28 @@ def test_local_step_following():
     assert local_step_following(world.render(it["instruction"]), (0, 3), None, "a blue blob dances") == 0.0
 
 
+def test_local_step_following_bounds_the_tracker(monkeypatch):
+    """A speckled video (a policy gone wrong) shows a dozen blobs a frame; the tracker tries every
+    assignment, factorial in its track count, so the judge tracks at most one object more than the
+    prompt names (it hung a training run before this bound)."""
+    it = next(x for x in SUBSET if len(x["plan"]) >= 2 and len(world.parse(x["instruction"])[0]) == 1)
+    v = world.render(it["instruction"]).copy()
+    for i in range(12):  # 5x5 blobs in palette colours along the top and bottom rows
+        y, x = (1 if i % 2 else 58), 2 + 5 * i
+        v[:, y:y + 5, x:x + 5] = list(world.PALETTE.values())[i % len(world.PALETTE)]
+    assert np.median([len(d) for d in world.perceive(v)]) >= 10
+    seen = []
+
+    def bounded_track(dets, n):  # the real tracker, refusing the counts that would hang this test
+        seen.append(n)
+        assert n <= 3, f"the judge asked for {n} tracks"
+        return world.track(dets, n)
+    monkeypatch.setattr(judges, "track", bounded_track)
+    plan = it["plan"]
+    score = local_step_following(v, (plan[1][1], plan[1][1] + world.CHUNK), plan[0][0], plan[1][0])
+    assert seen == [2] and 0.0 <= score <= 1.0
+
+
 def test_plan_quality():
     worst = {}
     for it in ITEMS:

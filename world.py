@@ -666,7 +666,8 @@ def perceive(video, min_area: int = MIN_AREA) -> list[list[Det]]:
 
 
 def track(dets: list[list[Det]], n: int) -> list[list[Det | None]]:
-    """Link detections into n tracks by nearest position (shape and colour break ties)."""
+    """Link detections into n tracks by nearest position (shape and colour break ties). Every frame
+    tries all assignments of its n + 2 largest detections: callers keep n small (a scene has 1-2 objects)."""
     tracks, last = [[None] * len(dets) for _ in range(n)], [None] * n
     for t, ds in enumerate(dets):
         ds = sorted(ds, key=lambda d: -d.area)[:n + 2]
