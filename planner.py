@@ -167,7 +167,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
     the group's own (GRPO, TRL) or, std="batch", one std of all the rewards (Flow-GRPO's global_std).
     A group's own std turns differences however small into advantages of order 1: where the main
     reward ties within a group, a side reward decides alone, whatever its weight. One batch std keeps
-    the reward weights meaningful.
+    the weights meaningful, but when most groups tie it is small and the few untied groups dominate.
     """
     r = rewards.view(-1, group_size)  # (B, M)
     r = r if r.is_floating_point() else r.float()

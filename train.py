@@ -388,15 +388,15 @@ if prompts:
         die(f"cannot read prompts file {prompts}: {e.strerror}")
     if not prompt_list:
         die(f"prompts file {prompts} holds no instruction")
+    prompt_list = random.Random(seed).sample(prompt_list, len(prompt_list))  # walked in this shuffled order
 
 
 def instructions_for(step: int) -> list[str]:
     """This rank's instructions. All ranks draw the whole iteration's batch from one stream and take their
     own slice, so no instruction is done twice in an iteration; a prompts file is walked in a shuffled order."""
     if prompt_list is not None:
-        order = random.Random(seed).sample(range(len(prompt_list)), len(prompt_list))
         first = (step * world_size + rank) * instructions
-        return [prompt_list[order[(first + k) % len(order)]] for k in range(instructions)]
+        return [prompt_list[(first + k) % len(prompt_list)] for k in range(instructions)]
     rng = random.Random(seed * 1_000_003 + step * 1009)
     batch = []
     while len(batch) < world_size * instructions:
@@ -791,7 +791,9 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
     has_switch = [vi for vi in range(len(plans)) if switch[vi * N] >= 0]  # execution groups with a transition
     rows = torch.tensor([vi * N + n for vi in has_switch for n in range(N)], dtype=torch.long)
-    r_exec = torch.tensor([w_local * scores[r]["local"] + w_aesthetic * scores[r]["aesthetic"] for r in rows.tolist()])
+    local = torch.tensor([scores[r]["local"] for r in rows.tolist()])  # (groups * N,)
+    aesthetic = torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()])
+    r_exec = w_local * local + w_aesthetic * aesthetic
     sync()
     t3, mem["judge"] = time.time(), peak_gb()
 
@@ -817,14 +819,11 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     # 5. log (rank 0, every term averaged over ranks), checkpoint
     it += 1
     means = {"r_plan_quality": terms["plan_quality"].mean(), "r_temporal": terms["temporal"].mean(),
-             "r_local": torch.tensor([scores[r]["local"] for r in rows.tolist()]).mean() if len(rows) else torch.tensor(0.0),
-             "r_aesthetic": torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()]).mean() if len(rows) else torch.tensor(0.0),
+             "r_local": local.mean() if len(rows) else torch.tensor(0.0),
+             "r_aesthetic": aesthetic.mean() if len(rows) else torch.tensor(0.0),
+             # execution groups whose N continuations tie on the local reward: the aesthetic alone ranks them
+             "local_ties": (local.view(-1, N).amax(1) == local.view(-1, N).amin(1)).float().mean() if len(rows) else torch.tensor(0.0),
              "valid_plans": torch.tensor(sum(p is not None for p, _ in parsed) / len(parsed))}
-    if len(rows):  # execution groups whose N continuations tie on the local reward: the aesthetic alone ranks them
-        loc = torch.tensor([scores[r]["local"] for r in rows.tolist()]).view(-1, N)  # (groups, N)
-        means["local_ties"] = (loc.amax(1) == loc.amin(1)).float().mean()
-    else:
-        means["local_ties"] = torch.tensor(0.0)
     means = {k: all_mean(v.float().to(device)).item() for k, v in means.items()}
     per_rank = torch.tensor([len(plans) * N] + [mem[k] for k in ("plan", "rollout", "judge", "update")], device=device)
     if ddp:  # rollouts summed over ranks; memory peaks gathered per rank
