@@ -164,18 +164,20 @@ def blend_contexts(contexts: torch.Tensor, weights) -> torch.Tensor:
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, std: str = "group") -> torch.Tensor:
     """
     GRPO advantages (r - group mean) / (std + eps) for each consecutive group of `group_size`, with std
-    the group's own (GRPO, TRL) or, std="batch", one std of all the rewards (Flow-GRPO's global_std).
+    the group's own (GRPO, TRL) or, std="batch", one std of all the rewards (Flow-GRPO's global_std),
+    or, std="none", no division at all (Dr. GRPO: r - group mean).
     A group's own std turns differences however small into advantages of order 1: where the main
     reward ties within a group, a side reward decides alone, whatever its weight. One batch std keeps
     the weights meaningful, but when most groups tie it is small and the few untied groups dominate.
+    No division keeps every group's advantages on the rewards' own scale.
     """
     r = rewards.view(-1, group_size)  # (B, M)
     r = r if r.is_floating_point() else r.float()
-    if group_size < 2:
-        s = torch.zeros_like(r)
-    else:  # unbiased, as GRPO/TRL
-        s = r.std(1, keepdim=True) if std == "group" else r.std().expand_as(r)
-    return ((r - r.mean(1, keepdim=True)) / (s + eps)).view(-1)  # (B*M,)
+    centred = r - r.mean(1, keepdim=True)
+    if std == "none" or group_size < 2:  # a group of one is all zeros either way
+        return centred.view(-1)
+    s = r.std(1, keepdim=True) if std == "group" else r.std().expand_as(r)  # unbiased, as GRPO/TRL
+    return (centred / (s + eps)).view(-1)  # (B*M,)
 
 
 def minibatches(n: int, num_minibatches: int = 4, generator=None) -> list[torch.Tensor]:
