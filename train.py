@@ -65,23 +65,24 @@ train_planner = True
 train_executor = True
 smoothing = "ramp"        # prompt smoothing: ramp | none (ablation)
 flat_groups = False       # ablation: no shared context, every continuation its own rollout
+transition_noise = "own"  # the transition chunk's start noise in an execution group: shared | own (see rollout)
 # planner (GSPO)
-planner_lr = 1e-5
+planner_lr = 3e-5
 planner_temperature = 1.0
 plan_tokens = 256         # the planner's budget of new tokens per plan
 gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
-executor_lr = 1e-4
+executor_lr = 1e-5        # full-weight RL: 1e-4 wrecked the world executor within a few updates (README)
 sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
 noise_level = 0.7         # Flow-GRPO's a
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
-w_local, w_aesthetic = 1.0, 1.0
+w_local, w_aesthetic = 1.0, 0.2
 adv_clip = 5.0
-adv_std = "group"         # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std)
+adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
 num_minibatches = 4       # each rollout batch is split in 4 updates, for both models
 grad_clip = 1.0
 ckpt_every = 10           # iterations between checkpoints
@@ -155,8 +156,10 @@ if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 if planner_shard not in ("auto", "always", "never"):
     die(f"planner_shard must be auto, always or never, not '{planner_shard}'")
-if adv_std not in ("group", "batch"):
-    die(f"adv_std must be group or batch, not '{adv_std}'")
+if transition_noise not in ("shared", "own"):
+    die(f"transition_noise must be shared or own, not '{transition_noise}'")
+if adv_std not in ("group", "batch", "none"):
+    die(f"adv_std must be group, batch or none, not '{adv_std}'")
 Mod.SDPA = sdpa
 T = latent_frames if real else world.T
 if not real and isinstance(sample_steps, int) and sample_steps >= 2:
@@ -491,8 +494,13 @@ def rollout(plans: list, g: torch.Generator):
                         Mod.recache(executor, cache, lat[rows, :j * C], cj)
                 else:
                     cache.clear_cross()
-            before = ((sw < 0) | (j < sw))[:, None, None, None, None, None]  # rows still in their plan's shared context
-            noise = own[rows, j] if flat_groups else torch.where(before, shared[rows, j], own[rows, j])  # (B, draws, C, c, h, w)
+            # a group shares its plan's noise up to the switch. With transition_noise="shared" the transition
+            # chunk also starts from one noise, so its N continuations differ only by the recorded SDE steps: the
+            # group mean is then the value of the state those steps act from, and the start noise (no action of
+            # the policy) adds nothing to the advantages' variance
+            together = (sw < 0) | (j < sw) | ((j == sw) & (transition_noise == "shared"))
+            noise = own[rows, j] if flat_groups else torch.where(together[:, None, None, None, None, None],
+                                                                 shared[rows, j], own[rows, j])  # (B, draws, C, c, h, w)
             x = noise[:, 0]
             sde = sw == j  # rows whose transition chunk this is
             for i in range(len(sigmas) - 1):
