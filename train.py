@@ -73,7 +73,7 @@ plan_tokens = 256         # the planner's budget of new tokens per plan
 gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
-executor_lr = 1e-5        # full-weight RL: 1e-4 wrecked the world executor within a few updates (README)
+executor_lr = 1e-5        # full-weight RL: at 1e-4 the world executor collapsed (README)
 sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
