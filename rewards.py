@@ -105,9 +105,11 @@ def temporal_following_strict(video, instruction: str) -> float:
 # -----------------------------------------------------------------------------
 
 
-def local_step_following(video, span, prev_step: str | None, next_step: str) -> float:
+def local_step_following(video, span, prev_step: str | None, next_step: str, graded: bool = False) -> float:
     """On the transition chunk span = (start, end): half for the new step starting inside it, half for
-    the previous step being finished by then; anything else starting in the chunk halves the score."""
+    the previous step being finished by then; anything else starting in the chunk halves the score.
+    graded: each half in [0, 1] instead of yes/no (how far the new step got, how close the previous
+    one ended), so that an execution group's continuations rarely tie (a VLM judge's P("Yes") is graded too)."""
     try:
         s, e = int(span[0]), int(span[1])
         v = as_video(video)[:e]
@@ -128,20 +130,53 @@ def local_step_following(video, span, prev_step: str | None, next_step: str) -> 
     ids = [who(o) for o in n_objs]
     step = Step(n_step.kind, ids[n_step.actor], n_step.arg, None if n_step.target is None else ids[n_step.target])
     started = [ev for ev in events if s <= ev.start < e and _realises(step, ev, tracks, None, None, False, partial=True)]
-    finished = True
+    begun = _progress(step, tracks, s, e) if graded else float(bool(started))
+    done = 1.0
     if p_step is not None:
         after = simulate(p_objs, (p_step,))[1]
         a = who(after[p_step.actor])
         d, want = at(tracks[a]), after[p_step.actor]
-        if p_step.kind in ("move_to", "move_until"):
+        if d is None:
+            miss = math.inf
+        elif p_step.kind in ("move_to", "move_until"):
             tgt = at(tracks[who(after[p_step.target])])
-            placed = d is not None and tgt is not None and gap(d, tgt) <= TOUCH_TOL
+            miss = gap(d, tgt) - TOUCH_TOL if tgt is not None else math.inf
         else:
-            placed = d is not None and math.hypot(d.x - want.x, d.y - want.y) <= 8
-        finished = (placed and d.colour == want.colour and d.size == want.size
-                    and not any(ev.obj == a and ev.start < s < ev.end for ev in events))  # not still going
+            miss = math.hypot(d.x - want.x, d.y - want.y) - 8
+        # graded: full marks where the yes/no judge says placed, none 12 px further off
+        placed = min(1.0, max(0.0, 1 - miss / 12)) if graded else float(miss <= 0)
+        looks = d is not None and d.colour == want.colour and d.size == want.size
+        going = any(ev.obj == a and ev.start < s < ev.end for ev in events)  # still moving into the chunk
+        done = placed * looks * (not going)
     extra = [ev for ev in events if s <= ev.start < e and ev not in started]
-    return (0.5 * bool(started) + 0.5 * finished) * (0.5 if extra else 1.0)
+    return (0.5 * begun + 0.5 * done) * (0.5 if extra else 1.0)
+
+
+def _progress(step: Step, tracks, s: int, e: int) -> float:
+    """How far the actor got into the step within the chunk, in [0, 1]: full marks for travelling 3 px
+    the right way (the slowest natural move covers that in a chunk), turning to the new colour, or a
+    size change the event detector would call one; less whatever it already did in the chunk before
+    (a step that started early is premature, as for the yes/no judge)."""
+    tr = tracks[step.actor]
+    ref = tracks[step.target][max(s - 1, 0)] if step.kind == "move_to" else None
+    if tr[max(s - 1, 0)] is None or (step.kind == "move_to" and ref is None):
+        return 0.0
+
+    def gain(t0: int, t1: int) -> float:  # the step's progress from frame t0 to frame t1
+        a, b = tr[max(t0, 0)], tr[t1]
+        if a is None or b is None or t1 <= t0:
+            return 0.0
+        if step.kind == "turn":
+            return float(a.colour != step.arg and b.colour == step.arg)
+        if step.kind in ("grow", "shrink"):
+            change = math.sqrt(b.area) - math.sqrt(a.area)
+            return min(1.0, max(0.0, (change if step.kind == "grow" else -change) / 2.5))
+        ux, uy = DIRECTIONS[step.arg] if step.kind != "move_to" else (ref.x - tr[s - 1].x, ref.y - tr[s - 1].y)
+        norm = math.hypot(ux, uy) or 1.0  # move_to: heads for where the target was
+        dx, dy = b.x - a.x, b.y - a.y
+        along, across = (dx * ux + dy * uy) / norm, abs(dx * uy - dy * ux) / norm
+        return min(1.0, max(0.0, (along - 0.5 * across) / 3.0))
+    return max(0.0, gain(s - 1, e - 1) - gain(s - 1 - (e - s), s - 1))
 
 # -----------------------------------------------------------------------------
 

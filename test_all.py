@@ -618,6 +618,33 @@ def test_local_step_following():
     assert local_step_following(world.render(it["instruction"]), (0, 3), None, "a blue blob dances") == 0.0
 
 
+def test_local_step_following_graded():
+    """The graded judge (train.py's default) agrees with the yes/no one at the ends and ranks what
+    lies between: a previous move cut off ever shorter earns ever less, where yes/no says 0.5 to all."""
+    for it in SUBSET:
+        plan, (objs, steps) = it["plan"], world.parse(it["instruction"])
+        if len(plan) < 2:
+            continue
+        span, prev, nxt, starts = (plan[1][1], plan[1][1] + world.CHUNK), plan[0][0], plan[1][0], [s for _, s, _ in plan]
+        assert local_step_following(world.render(it["instruction"]), span, prev, nxt, graded=True) >= 0.95
+        for st in ([starts[0], starts[1] + world.CHUNK] + starts[2:], [starts[0], starts[0]] + starts[2:]):  # late, blended
+            assert local_step_following(world.render_script(objs, steps, st), span, prev, nxt, graded=True) <= 0.5
+    cases = 0
+    for it in ITEMS:
+        plan, (objs, steps) = it["plan"], world.parse(it["instruction"])
+        if len(plan) < 2 or steps[0].kind != "move" or cases == 6:
+            continue
+        span, starts = (plan[1][1], plan[1][1] + world.CHUNK), [s for _, s, _ in plan]
+        graded, binary = [], []
+        for cut in (3, 2, 1):  # frames the first move runs: 8, 12, 16 px short of its 20
+            v = world.render_script(objs, steps, starts, [starts[0] + cut] + [world.T] * (len(steps) - 1))
+            graded.append(local_step_following(v, span, plan[0][0], plan[1][0], graded=True))
+            binary.append(local_step_following(v, span, plan[0][0], plan[1][0]))
+        assert binary == [0.5] * 3 and 1.0 > graded[0] > graded[1] > graded[2] >= 0.5, (graded, binary)
+        cases += 1
+    assert cases == 6
+
+
 def test_local_step_following_bounds_the_tracker(monkeypatch):
     """A speckled video (a policy gone wrong) shows a dozen blobs a frame; the tracker tries every
     assignment, factorial in its track count, so the judge tracks at most one object more than the

@@ -81,6 +81,7 @@ noise_level = 0.7         # Flow-GRPO's a
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
+local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
 num_minibatches = 4       # each rollout batch is split in 4 updates, for both models
@@ -158,6 +159,8 @@ if planner_shard not in ("auto", "always", "never"):
     die(f"planner_shard must be auto, always or never, not '{planner_shard}'")
 if transition_noise not in ("shared", "own"):
     die(f"transition_noise must be shared or own, not '{transition_noise}'")
+if local_reward not in ("graded", "binary"):
+    die(f"local_reward must be graded or binary, not '{local_reward}'")
 if adv_std not in ("group", "batch", "none"):
     die(f"adv_std must be group, batch or none, not '{adv_std}'")
 Mod.SDPA = sdpa
@@ -544,7 +547,7 @@ def judge(args):
     out = {"temporal": rewards.temporal_following(video, instruction)}
     if sw >= 0:  # the transition chunk: the new step should start in it, the previous one be done
         span = (sw * C, sw * C + C)
-        out["local"] = rewards.local_step_following(video, span, plan[0][0], plan[1][0])
+        out["local"] = rewards.local_step_following(video, span, plan[0][0], plan[1][0], graded=local_reward == "graded")
         out["aesthetic"] = rewards.aesthetic(video[span[0]:span[1]])
     return out
 
