@@ -157,21 +157,23 @@ def _progress(step: Step, tracks, s: int, e: int) -> float:
     the right way (the slowest natural move covers that in a chunk), turning to the new colour, or a
     size change the event detector would call one; less whatever it already did in the chunk before
     (a step that started early is premature, as for the yes/no judge)."""
-    tr = tracks[step.actor]
-    ref = tracks[step.target][max(s - 1, 0)] if step.kind == "move_to" else None
-    if tr[max(s - 1, 0)] is None or (step.kind == "move_to" and ref is None):
+    tr, t = tracks[step.actor], max(s - 1, 0)
+    ref = tracks[step.target][t] if step.kind == "move_to" else None
+    if tr[t] is None or (step.kind == "move_to" and ref is None):
         return 0.0
 
     def gain(t0: int, t1: int) -> float:  # the step's progress from frame t0 to frame t1
+        if t1 <= max(t0, 0):  # no frames (the chunk before the video's start)
+            return 0.0
         a, b = tr[max(t0, 0)], tr[t1]
-        if a is None or b is None or t1 <= t0:
+        if a is None or b is None:
             return 0.0
         if step.kind == "turn":
             return float(a.colour != step.arg and b.colour == step.arg)
         if step.kind in ("grow", "shrink"):
             change = math.sqrt(b.area) - math.sqrt(a.area)
             return min(1.0, max(0.0, (change if step.kind == "grow" else -change) / 2.5))
-        ux, uy = DIRECTIONS[step.arg] if step.kind != "move_to" else (ref.x - tr[s - 1].x, ref.y - tr[s - 1].y)
+        ux, uy = DIRECTIONS[step.arg] if step.kind != "move_to" else (ref.x - tr[t].x, ref.y - tr[t].y)
         norm = math.hypot(ux, uy) or 1.0  # move_to: heads for where the target was
         dx, dy = b.x - a.x, b.y - a.y
         along, across = (dx * ux + dy * uy) / norm, abs(dx * uy - dy * ux) / norm

@@ -627,6 +627,7 @@ def test_local_step_following_graded():
             continue
         span, prev, nxt, starts = (plan[1][1], plan[1][1] + world.CHUNK), plan[0][0], plan[1][0], [s for _, s, _ in plan]
         assert local_step_following(world.render(it["instruction"]), span, prev, nxt, graded=True) >= 0.95
+        assert local_step_following(world.render(it["instruction"]), (0, world.CHUNK), None, prev, graded=True) >= 0.95
         for st in ([starts[0], starts[1] + world.CHUNK] + starts[2:], [starts[0], starts[0]] + starts[2:]):  # late, blended
             assert local_step_following(world.render_script(objs, steps, st), span, prev, nxt, graded=True) <= 0.5
     cases = 0
