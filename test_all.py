@@ -1295,6 +1295,15 @@ def test_train_two_iterations_and_resume(tmp_path):
     assert os.path.exists(os.path.join(a, "world_planner", "model.safetensors"))
 
 
+def test_train_refuses_unknown_choices(tmp_path):
+    # a mistyped option gets one clear line before anything is loaded or written, not a traceback mid-run
+    for flag, line in (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
+                       ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'")):
+        r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", flag)
+        assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
+        assert not os.path.exists(tmp_path / "x")
+
+
 def test_train_survives_bad_plans_and_nan(tmp_path):
     # a hot planner writes malformed plans: they get reward 0, are logged, and the run goes on
     log = _train(str(tmp_path / "c"), "--max_iters=1", "--planner_temperature=20.0")

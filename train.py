@@ -155,14 +155,11 @@ real = backbone != "world"
 fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
-if planner_shard not in ("auto", "always", "never"):
-    die(f"planner_shard must be auto, always or never, not '{planner_shard}'")
-if transition_noise not in ("shared", "own"):
-    die(f"transition_noise must be shared or own, not '{transition_noise}'")
-if local_reward not in ("graded", "binary"):
-    die(f"local_reward must be graded or binary, not '{local_reward}'")
-if adv_std not in ("group", "batch", "none"):
-    die(f"adv_std must be group, batch or none, not '{adv_std}'")
+for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothing", ("ramp", "none")),
+                      ("transition_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
+                      ("adv_std", ("group", "batch", "none"))):
+    if globals()[name] not in choices:
+        die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
 Mod.SDPA = sdpa
 T = latent_frames if real else world.T
 if not real and isinstance(sample_steps, int) and sample_steps >= 2:
