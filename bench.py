@@ -34,14 +34,15 @@ checkpoints = "checkpoints"           # the world's models
 rows = "global,planner,gt"            # which rows: global prompt, base planner's step prompts, ground-truth plans
 sample_steps = 10         # the world executor's Euler steps per chunk
 smoothing = "none"                    # prompt smoothing for rows without a train.py config.json: none | ramp
-seed = 0                              # generation seed (the benchmark sets themselves are fixed data)
+seed = 0                              # generation seed (the benchmark sets themselves are fixed data) ...
+eval_seeds = 1                        # ... and how many seeds from it each row is averaged over (seed, seed+1, ...)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # scaling (train.py on the world, weak scaling: every rank its own `instructions`)
 gpus = "1,2,4"            # process counts to run
 scaling_iters = 5         # iterations per run ...
 warmup_iters = 2          # ... the first of which (kernel tuning, first allocations) are not counted
 scaling_out = "out-scaling"
-scaling_args = ""         # more train.py flags, e.g. "--instructions=4"
+scaling_args = "--instructions=8"  # more train.py flags (8: what README's scaling table measured)
 # memory
 mem_gpus = 8              # the plan's GPUs ...
 mem_gpu_gb = 80.0         # ... and their memory (H100 80 GB)
@@ -239,9 +240,11 @@ def bench_quality():
                 plans = [p if p is not None else [(x, 0, world.T)] for (p, _, _), x in zip(out, ins)]
             else:
                 raise SystemExit(f"error: unknown row '{row}'")
-            videos = generate(models, plans, seed=seed, smooth=smooth if kind != "global" else "none",
-                              steps=sample_steps)
-            scores = judge_videos(list(videos), ins, plans)
+            scores = []  # one score dict per (generation seed, item): the row's mean is over both
+            for g in range(seed, seed + eval_seeds):
+                videos = generate(models, plans, seed=g, smooth=smooth if kind != "global" else "none",
+                                  steps=sample_steps)
+                scores += judge_videos(list(videos), ins, plans)
             res[name] = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
         table[row] = res
         print(f"  {row}: {time.time() - t0:.1f} s")
@@ -250,8 +253,9 @@ def bench_quality():
                        [[tuple(s) for s in it["plan"]] for it in items])
     ref_aes = sum(r["aesthetic"] for r in ref) / len(ref)
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    seeds = f"seed {seed}" if eval_seeds == 1 else f"seeds {seed}-{seed + eval_seeds - 1}"
     print(f"\nTable 1 on the shapes world (held-out Simple/Hard, {len(sets['simple'])}/{len(sets['hard'])} items), "
-          f"seed {seed}, {sample_steps} Euler steps per chunk, on {dev}")
+          f"{seeds}, {sample_steps} Euler steps per chunk, on {dev}")
     print(f"{'row':42s} {'Simple':>7s} {'Hard':>7s} {'Simple*':>8s} {'Hard*':>7s} {'avg':>6s} {'gain':>7s} {'aesth':>6s} {'planQ':>6s}")
     names = {"global": "single prompt", "planner": "step prompts (planner)", "gt": "step prompts (ground truth)"}
     avg = {row: (r["simple"]["temporal"] + r["hard"]["temporal"] + r["simple"]["strict"] + r["hard"]["strict"]) / 4
@@ -461,6 +465,8 @@ def bench_generate():
 if __name__ == "__main__":
     if mode in ("kernel", "generate", "scaling") and not torch.cuda.is_available():
         die(f"--{mode} measures GPUs: no CUDA GPU here")
+    if eval_seeds < 1:
+        die(f"--eval_seeds must be at least 1, got {eval_seeds}")
     if mode == "generate":
         bench_generate()
     elif mode == "scaling":

@@ -1298,7 +1298,8 @@ def test_train_two_iterations_and_resume(tmp_path):
 def test_train_refuses_unknown_choices(tmp_path):
     # a mistyped option gets one clear line before anything is loaded or written, not a traceback mid-run
     for flag, line in (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
-                       ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'")):
+                       ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'"),
+                       ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1")):
         r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", flag)
         assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
         assert not os.path.exists(tmp_path / "x")

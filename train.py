@@ -56,7 +56,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0
 max_iters = 60            # RL iterations ...
 max_minutes = 9.0         # ... or this much wall time, whichever comes first
-instructions = 8          # instructions per iteration, per rank
+instructions = 0          # instructions per iteration, per rank; 0: 32 on the world (4x more per update beat
+                          # 4x more updates there, README), 8 on real backbones
 M = 4                     # plans per instruction (the planning group)
 N = 4                     # continuations per plan (the execution group)
 min_steps, max_steps = 2, 4   # training instructions have this many steps (a switch is needed)
@@ -152,6 +153,9 @@ master = rank == 0
 cuda = device.startswith("cuda")
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 real = backbone != "world"
+instructions = config["instructions"] = instructions or (8 if real else 32)
+if instructions < 0:
+    die(f"instructions must be positive (or 0 for the backbone's default), not {instructions}")
 fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
