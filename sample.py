@@ -5,8 +5,8 @@ One prompt -> a plan -> a video streamed chunk by chunk -> GIF + filmstrip PNG (
     python sample.py --prompt "..." --mode=steps --steps="the red circle moves right | the red circle turns blue" --switch=12
     python sample.py --prompt "..." --mode=global                                          # one global prompt
 
-Without a config it loads the shapes world's shipped models from checkpoints/ and runs on a CPU in
-seconds. With config/selfforcing.py or config/longlive.py it runs a real backbone from the files you
+Without a config it loads the shapes world's shipped TempAct models from checkpoints/tempact/
+(--checkpoints=checkpoints: the base models they were trained from) and runs on a CPU in seconds. With config/selfforcing.py or config/longlive.py it runs a real backbone from the files you
 downloaded: 480x832, 21 latent frames -> 81 frames at 16 fps, each chunk VAE-decoded as it arrives,
 written as an animated WebP (or GIF) plus a filmstrip PNG:
 
@@ -41,7 +41,7 @@ sample_steps = 10           # Euler steps per chunk (the world executor is train
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 out = "out"                 # writes <out>/sample.gif and <out>/sample.png
-checkpoints = "checkpoints"
+checkpoints = "checkpoints/tempact"  # the world's models: TempAct's; --checkpoints=checkpoints for the base ones
 # real backbones: config/selfforcing.py and config/longlive.py set these (no backbone: the shapes world)
 backbone = ""               # selfforcing | longlive
 executor_config = "wan-1.3b"  # model.CONFIGS entry

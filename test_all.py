@@ -1224,10 +1224,22 @@ def test_sample_missing_or_corrupt_checkpoint(tmp_path):
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
 
 
-def test_shipped_world_models_generate(monkeypatch):
+def test_shipped_checkpoints_are_small_safetensors():
+    # the repo's limits: weights only as safetensors, each file <= 16 MiB, all together <= 40 MiB
+    r = subprocess.run(["git", "ls-files", "checkpoints"], cwd=ROOT, capture_output=True, text=True)
+    files = r.stdout.split() if r.returncode == 0 and r.stdout else \
+        [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "checkpoints")) for f in fs]
+    sizes = {f: os.path.getsize(os.path.join(ROOT, f)) for f in files}
+    assert any(f.endswith("tempact/world_executor.safetensors") for f in files), files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".ckpt"))], files
+    assert max(sizes.values()) <= 16 * 2**20 and sum(sizes.values()) <= 40 * 2**20, sizes
+
+
+@pytest.mark.parametrize("where", ["checkpoints", "checkpoints/tempact"])  # the base models, TempAct's
+def test_shipped_world_models_generate(monkeypatch, where):
     import sample
     monkeypatch.setattr(A, "BACKEND", "torch")  # the CPU product path; the kernel has its own tests above
-    models = sample.load_world(os.path.join(ROOT, "checkpoints"), "cpu")
+    models = sample.load_world(os.path.join(ROOT, where), "cpu")
     ins = "a red circle moves right, then turns blue"
     (plan, reason, _), = models["planner"].plan([ins])
     assert reason == "ok" and plan_quality(plan, ins) == 1.0, (reason, plan)  # the quick-start prompt plans well
