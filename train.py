@@ -56,8 +56,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0
 max_iters = 60            # RL iterations ...
 max_minutes = 9.0         # ... or this much wall time, whichever comes first
-instructions = 0          # instructions per iteration, per rank; 0: 32 on the world (4x more per update beat
-                          # 4x more updates there, README), 8 on real backbones
+instructions = 0          # instructions per iteration, per rank; 0: 32 on the world (fewer, larger updates
+                          # beat 8 there in the same minutes, README), 8 on real backbones
 M = 4                     # plans per instruction (the planning group)
 N = 4                     # continuations per plan (the execution group)
 min_steps, max_steps = 2, 4   # training instructions have this many steps (a switch is needed)
