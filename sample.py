@@ -7,8 +7,9 @@ One prompt -> a plan -> a video streamed chunk by chunk -> GIF + filmstrip PNG (
 
 Without a config it loads the shapes world's shipped TempAct models from checkpoints/tempact/
 (--checkpoints=checkpoints: the base models they were trained from) and runs on a CPU in seconds.
-With config/selfforcing.py or config/longlive.py it runs a real backbone from the files you downloaded: 480x832, 21 latent frames -> 81 frames at 16 fps, each chunk VAE-decoded as it arrives,
-written as an animated WebP (or GIF) plus a filmstrip PNG:
+With config/selfforcing.py or config/longlive.py it runs a real backbone from the files you downloaded:
+480x832, 21 latent frames -> 81 frames at 16 fps, each chunk VAE-decoded as it arrives, written as an
+animated WebP (or GIF) plus a filmstrip PNG:
 
     python sample.py config/longlive.py --prompt "..." --mode=steps --steps="first step | second step" --switch=9
     python sample.py config/selfforcing.py --prompt "..." --planner=/path/to/Qwen3-8B    # the LLM's plan
