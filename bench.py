@@ -214,6 +214,8 @@ def bench_quality():
     A row is `kind` or `kind@dir`: kind global (one prompt), planner (the planner's greedy plans as
     step prompts) or gt (ground-truth plans); models from `checkpoints`, or from a train.py out_dir
     (its smoothing setting comes from its config.json). Gains are relative to the `planner` row."""
+    if eval_seeds < 1:
+        die(f"--eval_seeds must be at least 1, got {eval_seeds}")
     import world
     from sample import generate, load_world
     sets = {name: world.benchmark(name) for name in ("simple", "hard")}
@@ -465,8 +467,6 @@ def bench_generate():
 if __name__ == "__main__":
     if mode in ("kernel", "generate", "scaling") and not torch.cuda.is_available():
         die(f"--{mode} measures GPUs: no CUDA GPU here")
-    if eval_seeds < 1:
-        die(f"--eval_seeds must be at least 1, got {eval_seeds}")
     if mode == "generate":
         bench_generate()
     elif mode == "scaling":

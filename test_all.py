@@ -1307,6 +1307,11 @@ def test_train_two_iterations_and_resume(tmp_path):
     assert os.path.exists(os.path.join(a, "world_planner", "model.safetensors"))
 
 
+def test_bench_quality_refuses_no_seeds():
+    r = _run("bench.py", "--quality", "--eval_seeds=0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --eval_seeds must be at least 1, got 0", r.stderr
+
+
 def test_train_refuses_unknown_choices(tmp_path):
     # a mistyped option gets one clear line before anything is loaded or written, not a traceback mid-run
     for flag, line in (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
