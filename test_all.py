@@ -1300,6 +1300,13 @@ def test_train_two_iterations_and_resume(tmp_path):
     assert r.returncode == 0 and "resumed from iteration 1" in r.stdout, r.stdout[-500:] + r.stderr[-500:]
     sb = _load_state(b)
     assert sb["iter"] == sa["iter"] == 2
+    # resuming with other settings gets one line and touches nothing (AdamW's saved lr would win silently)
+    log_b = open(os.path.join(b, "log.jsonl")).read()
+    r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=3", "--executor_lr=2e-5", "--M=3")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"error: {b} holds a run with other settings (M=2 there, 3 here; executor_lr=1e-05 there, 2e-05 here): "
+        "resume it with those, or choose another --out_dir"], r.stderr[-500:]
+    assert open(os.path.join(b, "log.jsonl")).read() == log_b and _load_state(b)["iter"] == 2
     for part in ("executor", "planner"):
         for k, v in sa[part].items():
             assert torch.equal(v, sb[part][k]), (part, k)

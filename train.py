@@ -55,7 +55,7 @@ init_from = "checkpoints"  # the base models (pretrain.py's shipped world models
 device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0
 max_iters = 60            # RL iterations ...
-max_minutes = 9.0         # ... or this much wall time, whichever comes first
+max_minutes = 9.0         # ... or this much wall time, whichever comes first (a resumed run gets it afresh)
 instructions = 0          # instructions per iteration, per rank; 0: 32 on the world (fewer, larger updates
                           # beat 8 there in the same minutes, README), 8 on real backbones
 M = 4                     # plans per instruction (the planning group)
@@ -164,6 +164,20 @@ for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothin
                       ("adv_std", ("group", "batch", "none"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
+# resuming: out_dir's run must be this one. Only how long and how it runs may change: a run that
+# switched settings halfway is no run anyone can reproduce (and AdamW's saved lr would override a new one)
+RESUME_FREE = {"max_iters", "max_minutes", "ckpt_every", "save_checkpoints", "out_dir", "device", "rollout_rows",
+               "micro_batch", "grad_ckpt", "sdpa", "offload", "warmup", "planner_shard"}
+if os.path.exists(os.path.join(out_dir, "state.pt")) and os.path.exists(os.path.join(out_dir, "config.json")):
+    try:
+        saved = json.load(open(os.path.join(out_dir, "config.json")))
+    except (OSError, ValueError) as e:
+        die(f"cannot read {os.path.join(out_dir, 'config.json')} to resume: {e}")
+    now = json.loads(json.dumps(config))  # tuples as lists, as saved
+    changed = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in sorted(now)
+               if k in saved and k not in RESUME_FREE and saved[k] != now[k]]
+    if changed:
+        die(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): resume it with those, or choose another --out_dir")
 Mod.SDPA = sdpa
 T = latent_frames if real else world.T
 if not real and isinstance(sample_steps, int) and sample_steps >= 2:
