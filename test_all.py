@@ -1307,6 +1307,11 @@ def test_train_two_iterations_and_resume(tmp_path):
         f"error: {b} holds a run with other settings (M=2 there, 3 here; executor_lr=1e-05 there, 2e-05 here): "
         "resume it with those, or choose another --out_dir"], r.stderr[-500:]
     assert open(os.path.join(b, "log.jsonl")).read() == log_b and _load_state(b)["iter"] == 2
+    # the time budget counts the minutes trained before the resume: none left, no iteration
+    trained = _load_state(b)["minutes"]
+    r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=3", f"--max_minutes={trained / 2}")
+    assert r.returncode == 0 and "resumed from iteration 2" in r.stdout, r.stderr[-500:]
+    assert open(os.path.join(b, "log.jsonl")).read() == log_b and _load_state(b)["iter"] == 2
     for part in ("executor", "planner"):
         for k, v in sa[part].items():
             assert torch.equal(v, sb[part][k]), (part, k)

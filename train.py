@@ -55,7 +55,7 @@ init_from = "checkpoints"  # the base models (pretrain.py's shipped world models
 device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0
 max_iters = 60            # RL iterations ...
-max_minutes = 9.0         # ... or this much wall time, whichever comes first (a resumed run gets it afresh)
+max_minutes = 9.0         # ... or this much training time (counted across resumes), whichever comes first
 instructions = 0          # instructions per iteration, per rank; 0: 32 on the world (fewer, larger updates
                           # beat 8 there in the same minutes, README), 8 on real backbones
 M = 4                     # plans per instruction (the planning group)
@@ -342,7 +342,7 @@ p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9,
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
 C = executor.cfg.chunk_frames
 state_path = os.path.join(out_dir, "state.pt")
-it = 0
+it, minutes_before = 0, 0.0
 full = None
 if fsdp:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -361,9 +361,9 @@ if state is not None:
         p_opt.load_state_dict(state["p_opt"])
     executor.load_state_dict(state["executor"])
     e_opt.load_state_dict(state["e_opt"])
-    it = state["iter"]
+    it, minutes_before = state["iter"], state.get("minutes", 0.0)
     if master:
-        print(f"resumed from iteration {it}")
+        print(f"resumed from iteration {it} ({minutes_before:.1f} minutes trained)")
 
 
 def save_checkpoint():
@@ -377,7 +377,7 @@ def save_checkpoint():
         return
     os.makedirs(out_dir, exist_ok=True)
     state = {"planner": p_sd, "executor": executor.state_dict(), "p_opt": p_opt_sd,
-             "e_opt": e_opt.state_dict(), "iter": it, "config": config}
+             "e_opt": e_opt.state_dict(), "iter": it, "minutes": (time.time() - t_start) / 60, "config": config}
     Mod.save_state(state, state_path)
     name = "executor" if real else "world_executor"
     Mod.save_pretrained(executor, os.path.join(out_dir, f"{name}.safetensors"), extra={"iter": it},
@@ -768,7 +768,7 @@ if warmup:  # every attention shape of the iteration once, so kernel autotuning 
         print(f"warm-up (kernel tuning at every attention shape): {time.time() - t_w:.1f} s", flush=True)
 sync()
 peak_gb()
-t_start = time.time()
+t_start = time.time() - 60 * minutes_before  # the budget counts the minutes trained before a resume
 bar = tqdm(total=max_iters, initial=it, desc="tempact", disable=not master or real)
 while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + it * 1009 + rank)  # each rank its own noise
