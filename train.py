@@ -168,11 +168,13 @@ for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothin
 # switched settings halfway is no run anyone can reproduce (and AdamW's saved lr would override a new one)
 RESUME_FREE = {"max_iters", "max_minutes", "ckpt_every", "save_checkpoints", "out_dir", "device", "rollout_rows",
                "micro_batch", "grad_ckpt", "sdpa", "offload", "warmup", "planner_shard"}
-if os.path.exists(os.path.join(out_dir, "state.pt")) and os.path.exists(os.path.join(out_dir, "config.json")):
+saved_config = os.path.join(out_dir, "config.json")
+if os.path.exists(os.path.join(out_dir, "state.pt")) and os.path.exists(saved_config):
     try:
-        saved = json.load(open(os.path.join(out_dir, "config.json")))
+        with open(saved_config) as f:
+            saved = json.load(f)
     except (OSError, ValueError) as e:
-        die(f"cannot read {os.path.join(out_dir, 'config.json')} to resume: {e}")
+        die(f"cannot read {saved_config} to resume: {e}")
     now = json.loads(json.dumps(config))  # tuples as lists, as saved
     changed = [f"{k}={saved[k]!r} there, {now[k]!r} here" for k in sorted(now)
                if k in saved and k not in RESUME_FREE and saved[k] != now[k]]
