@@ -339,7 +339,8 @@ for p in list(text_enc.parameters()) + list(reference.parameters()):
 if grad_ckpt:  # memory for one block's activations instead of all of them, for a second forward
     for block in executor.blocks:
         block.forward = functools.partial(checkpointed, block.forward)
-    planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(planner.model, "activation_checkpointing_enable", None)  # newer transformers' name ...
+    (enable or planner.model.gradient_checkpointing_enable)({"use_reentrant": False})  # ... older ones have only this
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
 C = executor.cfg.chunk_frames
