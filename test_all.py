@@ -1307,6 +1307,13 @@ def test_train_two_iterations_and_resume(tmp_path):
         f"error: {b} holds a run with other settings (M=2 there, 3 here; executor_lr=1e-05 there, 2e-05 here): "
         "resume it with those, or choose another --out_dir"], r.stderr[-500:]
     assert open(os.path.join(b, "log.jsonl")).read() == log_b and _load_state(b)["iter"] == 2
+    cfg = os.path.join(b, "config.json")  # a corrupt saved config: one line too
+    text = open(cfg).read()
+    open(cfg, "w").write(text[:20])
+    r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=3")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and \
+        r.stderr.startswith(f"error: cannot read {cfg} to resume"), r.stderr[-500:]
+    open(cfg, "w").write(text)
     # the time budget counts the minutes trained before the resume: none left, no iteration
     trained = _load_state(b)["minutes"]
     r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=3", f"--max_minutes={trained / 2}")

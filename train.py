@@ -168,7 +168,7 @@ for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothin
 # switched settings halfway is no run anyone can reproduce (and AdamW's saved lr would override a new one)
 RESUME_FREE = {"max_iters", "max_minutes", "ckpt_every", "save_checkpoints", "out_dir", "device", "rollout_rows",
                "micro_batch", "grad_ckpt", "sdpa", "offload", "warmup", "planner_shard"}
-saved_config = os.path.join(out_dir, "config.json")
+saved_config = os.path.join(out_dir, "config.json")  # state.pt holds it too, but is read after the models load
 if os.path.exists(os.path.join(out_dir, "state.pt")) and os.path.exists(saved_config):
     try:
         with open(saved_config) as f:
