@@ -1374,14 +1374,14 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
 
     start = {k: v.clone() for k, v in net.state_dict().items()}
     before = proxy(0)[0].mean().item()
+    r, rows, (lat, switch, ctx, xs, xn, lo) = proxy(100)  # one batch from the start weights serves both signs
+    assert len(rows) == 4 * N
     moved = {}
     for sign in (1.0, -1.0):
         net.load_state_dict(start)
         opt.state.clear()
-        r, rows, (lat, switch, ctx, xs, xn, lo) = proxy(100)  # one iteration: num_minibatches Adam steps
-        assert len(rows) == 4 * N
         g["executor_update"](lat[rows], ctx[rows], switch[rows], xs[rows], xn[rows], lo[rows],
-                             g["group_advantages"](sign * r, N, std="group"))
+                             g["group_advantages"](sign * r, N, std="group"))  # num_minibatches Adam steps
         moved[sign] = proxy(0)[0].mean().item() - before  # the same noise as `before`: only the weights differ
     assert moved[1.0] > moved[-1.0], moved
 
