@@ -591,12 +591,19 @@ _DIRS = np.array(list(PALETTE.values()), np.float32) - _BG  # (C, 3) background 
 
 def _nearest_line(v: np.ndarray) -> np.ndarray:
     rel = v - _BG                                       # (T, H, W, 3)
-    proj = rel @ _DIRS.T                                # (T, H, W, C)
-    n2 = (_DIRS ** 2).sum(1)
+    n2 = (_DIRS ** 2).sum(1)                            # (C,)
+    r2 = np.einsum("...c,...c->...", rel, rel)         # (T, H, W)
+    # alpha >= 0.5 needs |rel| >= |dir| / 2 (Cauchy-Schwarz): pixels nearer the background are background,
+    # exactly (0.24: a margin for rounding), and most of a frame is; only the rest are projected
+    lab = np.full(r2.shape, -1)
+    near = r2 >= 0.24 * n2.min()
+    rel, r2 = rel[near], r2[near]                       # (P, 3), (P,)
+    proj = rel @ _DIRS.T                                # (P, C)
     alpha = proj / n2
-    resid2 = (rel ** 2).sum(-1, keepdims=True) - proj ** 2 / n2
+    resid2 = r2[:, None] - proj ** 2 / n2
     resid2 = np.where((alpha >= 0.5) & (alpha <= 1.5), resid2, np.inf)
-    return np.where(resid2.min(-1) < COLOUR_TOL ** 2, resid2.argmin(-1), -1)
+    lab[near] = np.where(resid2.min(-1) < COLOUR_TOL ** 2, resid2.argmin(-1), -1)
+    return lab
 
 
 def classify(video) -> np.ndarray:
@@ -613,30 +620,31 @@ def classify(video) -> np.ndarray:
 
 
 def _components(lab: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-    """4-connected same-colour components of every frame at once: (frame, colour, points)."""
-    n = lab.size
-    comp = np.where(lab >= 0, np.arange(n).reshape(lab.shape), n)
-    links = [(axis, (lab.take(range(1, lab.shape[axis]), axis) == lab.take(range(lab.shape[axis] - 1), axis))
-              & (lab.take(range(1, lab.shape[axis]), axis) >= 0)) for axis in (1, 2)]
+    """4-connected same-colour components of every frame at once: (frame, colour, points). Each coloured
+    pixel takes the smallest id among its same-colour neighbours, with pointer jumping, until nothing
+    changes; only coloured pixels and their links take part (most of a frame is background)."""
+    flat, (H, W) = lab.reshape(-1), lab.shape[1:]
+    fg = np.flatnonzero(flat >= 0)                      # (P,) coloured pixels, in order
+    at = np.zeros(flat.size, np.int64)
+    at[fg] = np.arange(len(fg))                         # pixel -> its place in fg
+    ends = []
+    for step, inside in ((1, fg % W < W - 1), (W, fg // W % H < H - 1)):  # right and lower neighbours
+        a = fg[inside]
+        a = a[flat[a + step] == flat[a]]
+        ends.append((at[a], at[a + step]))
+    a, b = np.concatenate([e[0] for e in ends]), np.concatenate([e[1] for e in ends])  # (E,) each
+    comp = np.arange(len(fg))
     while True:
         new = comp.copy()
-        for axis, same in links:  # every pixel takes the smallest id among its same-colour neighbours
-            lo, hi = [slice(None)] * 3, [slice(None)] * 3
-            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-            new[tuple(hi)] = np.where(same, np.minimum(new[tuple(hi)], comp[tuple(lo)]), new[tuple(hi)])
-            new[tuple(lo)] = np.where(same, np.minimum(new[tuple(lo)], comp[tuple(hi)]), new[tuple(lo)])
-        flat = new.reshape(-1)
-        on = flat < n
-        flat[on] = flat[flat[on]]  # pointer jumping: ids only decrease and stay in the component
+        np.minimum.at(new, a, comp[b])
+        np.minimum.at(new, b, comp[a])
+        new = new[new]  # pointer jumping: ids only decrease and stay in the component
         if np.array_equal(new, comp):
             break
         comp = new
-    idx = np.nonzero(comp.reshape(-1) < n)[0]
-    roots = comp.reshape(-1)[idx]
-    order = np.argsort(roots, kind="stable")
-    groups = np.split(idx[order], np.nonzero(np.diff(roots[order]))[0] + 1) if len(idx) else []
-    hw, w = lab.shape[1] * lab.shape[2], lab.shape[2]
-    return [(int(g[0] // hw), int(lab.reshape(-1)[g[0]]), np.stack([(g % hw) // w, g % w], 1)) for g in groups]
+    order = np.argsort(comp, kind="stable")
+    groups = np.split(fg[order], np.nonzero(np.diff(comp[order]))[0] + 1) if len(fg) else []
+    return [(int(g[0] // (H * W)), int(flat[g[0]]), np.stack([(g % (H * W)) // W, g % W], 1)) for g in groups]
 
 
 def _blob(colour: int, pts: np.ndarray) -> Det:
