@@ -422,15 +422,19 @@ def model_sizes(planner_layers: int = 36) -> dict:
 
 def memory_plan(gpus: int, gpu_gb: float, sizes: dict, M_plans: int = 4, N_rows: int = 4, instructions: int = 1,
                 rollout_rows: int = 2, latent_frames: int = 21, frame_tokens: int = 1560, plan_tokens: int = 256,
-                prompt_tokens: int = 450, vlm_tokens: int = 6240, offload: bool = False, out=print) -> dict:
+                prompt_tokens: int = 450, vlm_tokens: int = 6240, update_frames: int = 27, offload: bool = False,
+                out=print) -> dict:
     """Bytes per GPU of one TempAct iteration at Wan scale: each model's parameters, gradients and AdamW
     states, the rollout's KV cache, the update's activations, and the peak of each phase. The executor is
     replicated (DDP-style) with float32 master weights, gradients and AdamW states; the planner is sharded
     with FSDP2 over `gpus` (float32 shards, bf16 compute); frozen models are bf16 replicas, on the GPU
-    throughout, or (offload) only during their phase. Returns {phase: GB}."""
+    throughout, or (offload) only during their phase. update_frames: the update's longest forward, the
+    context before the last transition chunk plus one copy of that chunk per policy step (train.py's
+    transition_steps: 18 + 3 x 3 latent frames). Returns {phase: GB}."""
     cfg = M.CONFIGS["wan-1.3b"]
     Pe, Pp = sizes["executor"], sizes["planner"]
     L = latent_frames * frame_tokens                                   # tokens of a whole video: 32760
+    Lu = update_frames * frame_tokens                                  # the update's longest forward: 42120
     rows = {  # name: (params, grads, optimizer, activations, kv cache) in bytes
         "executor (trained, replicated)": (4 * Pe, 4 * Pe, 8 * Pe, 0, 0),
         "reference executor (frozen)": (2 * Pe, 0, 0, 0, 0),
@@ -448,7 +452,7 @@ def memory_plan(gpus: int, gpu_gb: float, sizes: dict, M_plans: int = 4, N_rows:
     kv_plan = instructions * M_plans * (prompt_tokens + plan_tokens) * 36 * 2 * q * 2
     # the update, one row at a time with per-block recomputation: the fp32 residual saved at every block,
     # plus one block's working set (bf16 q, k, v, o, attention, modulated inputs; fp32 norms; FFN hidden)
-    act_update = cfg.num_layers * L * cfg.dim * 4 + L * (cfg.dim * 40 + cfg.ffn_dim * 4)
+    act_update = cfg.num_layers * Lu * cfg.dim * 4 + Lu * (cfg.dim * 40 + cfg.ffn_dim * 4)
     logits = instructions * M_plans * (plan_tokens + 1) * 151936 * 4 * 3   # GSPO: fp32 logits, log-softmax, grad
     act_judge = vlm_tokens * 36 * 2 * q * 2 + vlm_tokens * 4096 * 2 * 8    # VLM: its KV cache and working set
     vae_decode = rollout_rows * 96 * 4 * 480 * 832 * 2 * 6                   # full-resolution 96-channel maps

@@ -169,8 +169,9 @@ def check_kernel():
              ("chunk vs 21-frame, chunked", 1, H, D, c * S, 21 * S, 18 * S, c * S, 0, 0),
              ("block-causal 21 frames", 1, H, D, 21 * S, 21 * S, 0, c * S, 0, 0),
              ("LongLive window 21 frames", 1, H, D, 21 * S, 21 * S, 0, c * S, 3 * S, 9 * S),
-             ("world update, 24 frames", 8, 4, 64, 24 * 64, 24 * 64, 0, 3 * 64, 0, 0),  # train.py's transition_step
-             ("world update, 13 frames", 3, 4, 64, 13 * 64, 13 * 64, 0, 3 * 64, 0, 0),
+             ("Wan update, 18 + 3x3 frames", 1, H, D, 27 * S, 27 * S, 0, c * S, 18 * S, c * S),  # train.py's copies
+             ("world update, 21 + 9x3 frames", 8, 4, 64, 48 * 64, 48 * 64, 0, 3 * 64, 21 * 64, 3 * 64),
+             ("world update, 6 + 9x3 frames", 3, 4, 64, 33 * 64, 33 * 64, 0, 3 * 64, 6 * 64, 3 * 64),
              ("world rollout, chunk vs cache", 16, 4, 64, 3 * 64, 15 * 64, 12 * 64, 0, 0, 0),
              ("odd sizes", 2, 3, 64, 1000, 1000, 0, 200, 0, 0)]
     print(f"\nbf16 kernel vs float32 reference (fresh random inputs), on {torch.cuda.get_device_name()}")

@@ -104,16 +104,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()  # (N, dim)
 
 
-def grid_angles(dims: list[int], grid: tuple, start_frame: int, device, theta: float) -> list[torch.Tensor]:
+def grid_angles(dims: list[int], grid: tuple, start_frame, device, theta: float) -> list[torch.Tensor]:
     """Angles pos * theta^(-2i/n) for tokens ordered (frame, row, column), one (L, n/2) tensor per axis,
-    with n = dims[axis]. The frame index is absolute (start_frame added)."""
+    with n = dims[axis]. The frame index is absolute: start_frame + 0, 1, ..., or start_frame itself
+    when it is a tensor of every frame's index (copies of a chunk share one chunk's indices)."""
     f, h, w = grid
+    ar = functools.partial(torch.arange, dtype=torch.float64, device=device)
+    frames = start_frame.to(device, torch.float64) if torch.is_tensor(start_frame) else ar(start_frame, start_frame + f)
     out = []
-    for axis, (n, pos, size) in enumerate(zip(dims, (start_frame, 0, 0), grid)):
-        inv = 1.0 / theta ** (torch.arange(0, n, 2, dtype=torch.float64, device=device) / n)
-        ang = torch.outer(torch.arange(pos, pos + size, dtype=torch.float64, device=device), inv)  # (size, n/2)
+    for axis, (n, pos) in enumerate(zip(dims, (frames, ar(h), ar(w)))):
+        inv = 1.0 / theta ** (ar(0, n, 2) / n)
+        ang = torch.outer(pos, inv)  # (size, n/2)
         shape = [1, 1, 1, -1]
-        shape[axis] = size
+        shape[axis] = len(pos)
         out.append(ang.view(shape).expand(f, h, w, -1).flatten(0, 2))  # (L, n/2)
     return out
 
@@ -349,7 +352,7 @@ class WanDiT(nn.Module):
         return self.text_embedding(context.to(self.patch_embedding.weight.dtype))
 
     def forward(self, x, t, context, cache=None, start_frame: int = 0, text_embedded: bool = False,
-                causal: bool = True):
+                causal: bool = True, copies: int = 0):
         """Flow prediction v = noise - x0.
 
         x (B, F, C, H, W) latents, t (B, F) timesteps in [0, 1000] (one per latent frame), context the
@@ -359,6 +362,10 @@ class WanDiT(nn.Module):
         t = 0 on the context frames). With a cache: x is the chunk(s) starting at start_frame; its
         queries attend to the cached frames plus themselves, and its keys/values are written to the cache.
         causal=False: every query sees every key (the cache's, with a cache), as LongLive's re-cache runs.
+        copies=K (no cache, no window): x is clean context frames followed by K versions of the next chunk
+        (an RL update's K noise levels of one transition chunk). Each version sits at that chunk's frame
+        indices and sees the context and itself only (the mask's sink = the context, window = one chunk),
+        so its v is that of a separate forward of context + version, with the context computed once.
         """
         cfg, dt = self.cfg, self.patch_embedding.weight.dtype
         B, nf = x.shape[:2]
@@ -366,6 +373,13 @@ class WanDiT(nn.Module):
         grid = tuple(h.shape[2:])
         S = grid[1] * grid[2]  # tokens per latent frame
         h = h.flatten(2).transpose(1, 2).float()  # (B, L, dim) residual stream kept in float32
+        C = cfg.chunk_frames
+        if copies:
+            n_ctx = nf - copies * C  # context frames
+            assert cache is None and causal and cfg.window_frames == 0 and n_ctx >= 0 and n_ctx % C == 0, \
+                "copies: context chunks then whole copies of one chunk, block-causal without a window"
+            ar = functools.partial(torch.arange, device=x.device)
+            start_frame = torch.cat([ar(n_ctx), n_ctx + ar(C).repeat(copies)]) + start_frame  # (F,) frame indices
         if cfg.abs_pos:
             h = h + sincos_positions(cfg.dim, grid, start_frame, x.device)
 
@@ -378,11 +392,13 @@ class WanDiT(nn.Module):
         else:
             ctx = context if text_embedded else self.embed_text(context)  # (B, text_len, dim)
         rope = rope_cos_sin(cfg.head_dim, grid, start_frame, x.device)
-        if cache is None:
-            mask = dict(chunk=cfg.chunk_frames * S, sink=cfg.sink_frames * S, window=cfg.window_frames * S)
+        if copies:
+            mask = dict(chunk=C * S, sink=n_ctx * S, window=C * S)
+        elif cache is None:
+            mask = dict(chunk=C * S, sink=cfg.sink_frames * S, window=cfg.window_frames * S)
         else:
             q_offset = cache.begin(start_frame, nf, S)
-            mask = dict(q_offset=q_offset, chunk=cfg.chunk_frames * S)
+            mask = dict(q_offset=q_offset, chunk=C * S)
         if not causal:
             mask = {}
         for i, block in enumerate(self.blocks):

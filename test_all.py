@@ -63,6 +63,7 @@ CASES = {
     "sink_window": (1, 2, 75, 75, 16, 0, 15, 7, 30),
     "sink_window_kv_cache": (2, 1, 20, 90, 32, 70, 10, 10, 25),
     "window_no_sink": (1, 2, 64, 64, 16, 0, 16, 0, 32),
+    "copies": (2, 2, 117, 117, 16, 0, 13, 39, 13),  # the RL update: 3 context chunks, then 6 copies of one chunk
 }
 
 
@@ -346,6 +347,33 @@ def test_per_chunk_prompts_stream_equals_full_forward():
         assert (same - net(x, t, ctx[:, 0])).norm() / same.norm() < 1e-5
 
 
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_copies_equal_separate_forwards(abs_pos):
+    # train.py's update: context + K versions of one chunk in one forward == K forwards of context + version,
+    # outputs and gradients (the residual stream is float32 even in a float64 model: gradients summed in
+    # another order agree to float32's precision)
+    cfg = M.ModelConfig(**{**M.asdict(M.CONFIGS["tiny"]), "abs_pos": abs_pos})
+    net = random_dit(cfg).double()
+    B, C, j, K = 2, cfg.chunk_frames, 2, 3
+    g = torch.Generator().manual_seed(7)
+    lat, xs = torch.randn(B, j * C, cfg.in_dim, 6, 8, generator=g), torch.randn(B, K, C, cfg.in_dim, 6, 8, generator=g)
+    ctx, sig = torch.randn(B, j + 1, 5, cfg.text_dim, generator=g), torch.rand(K, generator=g) * 1000
+    lat, xs, ctx = lat.double(), xs.double(), ctx.double()
+    w = torch.randn(B, K, C, cfg.out_dim, 6, 8, generator=g).double()  # a random linear loss
+    zeros = torch.zeros(B, j * C)
+    v = net(torch.cat([lat, xs.flatten(1, 2)], 1), torch.cat([zeros, sig.repeat_interleave(C).expand(B, -1)], 1).double(),
+            torch.cat([ctx[:, :j], ctx[:, j:].expand(-1, K, -1, -1)], 1), copies=K)[:, j * C:].unflatten(1, (K, C))
+    (v * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    ref = torch.stack([net(torch.cat([lat, xs[:, k]], 1), torch.cat([zeros, torch.full((B, C), float(sig[k]))], 1).double(),
+                           ctx)[:, j * C:] for k in range(K)], 1)
+    (ref * w).sum().backward()
+    assert (v - ref).abs().max() < 1e-10 and (v[:, 0] - v[:, 1]).abs().max() > 1e-3  # equal, and not trivially
+    for n, p in net.named_parameters():
+        assert (grads[n] - p.grad).abs().max() <= 1e-6 * p.grad.abs().max(), n
+
+
 def test_recache_keeps_the_sink_unless_it_restarts():
     # LongLive's re-cache (see test_recache_matches_longlive_arithmetic for the whole order of operations)
     cfg = M.ModelConfig(**{**M.asdict(M.CONFIGS["tiny"]), "sink_frames": 3, "window_frames": 6})  # holds 9 frames
@@ -540,6 +568,53 @@ def test_parse_errors_empty_and_unfinished():
             world.parse(text)
     with pytest.raises(world.ParseError, match="ends after 'then'"):
         world.parse("a red circle moves right, then")
+
+
+def test_colour_classes_skip_only_background():
+    # classify projects only pixels far enough from the background to reach half-way along a colour line;
+    # the skipped ones must be exactly those every projection calls background: compared with projecting
+    # every pixel, on clean, noisy, blurred and random videos
+    def every_pixel(v):  # the projection of world._nearest_line, without the shortcut
+        rel = v - world._BG
+        proj = rel @ world._DIRS.T
+        n2 = (world._DIRS ** 2).sum(1)
+        resid2 = np.where((proj / n2 >= 0.5) & (proj / n2 <= 1.5), (rel ** 2).sum(-1, keepdims=True) - proj ** 2 / n2, np.inf)
+        return np.where(resid2.min(-1) < world.COLOUR_TOL ** 2, resid2.argmin(-1), -1)
+
+    rng, nrng = random.Random(5), np.random.default_rng(5)
+    for n in range(6):
+        v = world.render(world.sample_training_instruction(rng, 3))
+        v = [v, world.add_noise(v, 25.0, nrng), world.blur(v, 5), nrng.integers(0, 256, v.shape, dtype=np.uint8)][n % 4]
+        v = v.astype(np.float32)
+        smooth = sum(np.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")[:, i:i + v.shape[1], j:j + v.shape[2]]
+                     for i in range(3) for j in range(3)) / 9
+        for x in (v, smooth):
+            assert np.array_equal(world._nearest_line(x), every_pixel(x))
+
+
+def test_components_match_a_flood_fill():
+    # world._components against a plain flood fill, on random labels (dense and sparse, odd sizes)
+    def flood(lab):
+        seen, out = np.zeros(lab.shape, bool), []
+        for t, y, x in zip(*np.nonzero(lab >= 0)):
+            if seen[t, y, x]:
+                continue
+            seen[t, y, x], todo, pts = True, [(y, x)], []
+            while todo:
+                cy, cx = todo.pop()
+                pts.append((cy, cx))
+                for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                    if 0 <= ny < lab.shape[1] and 0 <= nx < lab.shape[2] and not seen[t, ny, nx] and lab[t, ny, nx] == lab[t, y, x]:
+                        seen[t, ny, nx] = True
+                        todo.append((ny, nx))
+            out.append((int(t), int(lab[t, y, x]), sorted(pts)))
+        return sorted(out)
+
+    rng = np.random.default_rng(3)
+    for shape, p in (((3, 9, 11), 0.5), ((2, 17, 5), 0.9), ((4, 8, 8), 0.1), ((1, 1, 1), 1.0)):
+        lab = np.where(rng.random(shape) < p, rng.integers(0, 3, shape), -1)
+        got = sorted((t, c, sorted(map(tuple, pts.tolist()))) for t, c, pts in world._components(lab))
+        assert got == flood(lab), shape
 
 
 def test_perception_reads_object_states():
@@ -1376,11 +1451,15 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
     before = proxy(0)[0].mean().item()
     r, rows, (lat, switch, ctx, xs, xn, lo) = proxy(100)  # one batch from the start weights serves both signs
     assert len(rows) == 4 * N
+    batch = lat[rows], ctx[rows], xs[rows], xn[rows]
+    groups = g["update_groups"](switch[rows])
+    logp_old, mean_ref = g["rescore"](groups, *batch)
+    assert (logp_old - lo[rows]).abs().max() < 1e-4  # the update's forward re-scores the streamed steps (float32)
     moved = {}
     for sign in (1.0, -1.0):
         net.load_state_dict(start)
         opt.state.clear()
-        g["executor_update"](lat[rows], ctx[rows], switch[rows], xs[rows], xn[rows], lo[rows],
+        g["executor_update"](groups, *batch, logp_old, mean_ref,
                              g["group_advantages"](sign * r, N, std="group"))  # num_minibatches Adam steps
         moved[sign] = proxy(0)[0].mean().item() - before  # the same noise as `before`: only the weights differ
     assert moved[1.0] > moved[-1.0], moved

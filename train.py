@@ -607,66 +607,83 @@ def batches_of(n: int) -> list[torch.Tensor]:
     return parts + [torch.zeros(0, dtype=torch.long)] * (num_minibatches - len(parts))
 
 
-def transition_step(net, lat, ctx, switch, x_t, x_next, k: int):
-    """Re-score the recorded step k of each row's transition chunk. One block-causal forward over the
-    clean context frames (t = 0) and the chunk at sigma_k gives the same v as the streamed sampler did
-    (test_all.py checks streaming == full forward; LongLive's re-cache is the exception: it re-encodes
-    the cached frames with the new prompt, which a full forward cannot). Returns (logp, mean, std)."""
-    R = lat.shape[0]
-    end = int(switch.max() + 1) * C  # frames after the last transition chunk do not matter (causal)
-    rows = torch.arange(R, device=lat.device)
-    frames = switch.to(lat.device)[:, None] * C + torch.arange(C, device=lat.device)  # (R, C)
-    x = lat[:, :end].clone()
-    x[rows[:, None], frames] = x_t
-    t = torch.zeros(R, end, device=lat.device)
-    t[rows[:, None], frames] = 1000 * sigmas[k]
+def transition_steps(net, lat, ctx, j: int, xs, x_nexts):
+    """Re-score the K recorded steps of rows whose transition chunk is j. One forward holds the clean context
+    frames [0, jC) at t = 0 and then the chunk at every sigma_k (the model's copies=K): each copy's v is the
+    one the streamed sampler computed (test_all.py checks streaming == this forward; LongLive's re-cache,
+    which re-encodes the cached frames with the new prompt, is the exception), and the context runs once,
+    not K times. A windowed model (LongLive) cannot show a copy the context: one forward per step.
+    lat (B, T, c, h, w), ctx (B, chunks, L, D), xs, x_nexts (B, K, C, c, h, w) -> logp (B, K),
+    mean (B, K, C, c, h, w), std (K floats)."""
+    B, f, dev = len(lat), j * C, lat.device
+    t_ctx = torch.zeros(B, f, device=dev)
     with autocast:
-        v = net(x, t, ctx[:, :end // C])[rows[:, None], frames]  # (R, C, c, h, w)
-    _, logp, mean, std = policy_step(x_t, v, sigmas[k], sigmas[k + 1], x_next=x_next)
-    return logp, mean, std
+        if not net.cfg.window_frames:
+            x = torch.cat([lat[:, :f], xs.flatten(1, 2)], 1)                                         # (B, f + K C, c, h, w)
+            t = torch.cat([t_ctx, (1000 * torch.tensor(sigmas[:K], device=dev)).repeat_interleave(C).expand(B, -1)], 1)
+            c = torch.cat([ctx[:, :j], ctx[:, j:j + 1].expand(-1, K, -1, -1)], 1)                   # (B, j + K, L, D)
+            v = net(x, t, c, copies=K)[:, f:].unflatten(1, (K, C))                                  # (B, K, C, c, h, w)
+        else:
+            v = torch.stack([net(torch.cat([lat[:, :f], xs[:, k]], 1),
+                                 torch.cat([t_ctx, torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
+                                 ctx[:, :j + 1])[:, f:] for k in range(K)], 1)                      # (B, K, C, c, h, w)
+    steps = [policy_step(xs[:, k], v[:, k], sigmas[k], sigmas[k + 1], x_next=x_nexts[:, k]) for k in range(K)]
+    return torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1), [s[3] for s in steps]
+
+
+def update_groups(switch: torch.Tensor) -> list[list[tuple[int, torch.Tensor]]]:
+    """The executor update's minibatches (batches_of), each as (j, rows) groups: rows of one transition chunk
+    j, in micro-batches of micro_batch rows. A group's forward then stops at its own chunk."""
+    return [[(j, i) for j in switch[idx].unique().tolist() for i in micro(idx[switch[idx] == j])]
+            for idx in batches_of(len(switch))]
 
 
 def micro(idx: torch.Tensor) -> list[torch.Tensor]:
     return list(idx.split(micro_batch)) if micro_batch else [idx]
 
 
-def executor_update(lat, ctx, switch, xs, x_nexts, logp_old, adv):
-    """Flow-GRPO (FACTS 5): per policy step, loss = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
-    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); gradients summed over the steps.
-    A minibatch may run in micro-batches of rows whose gradients add up to the minibatch's."""
+@torch.no_grad()
+def rescore(groups, lat, ctx, xs, x_nexts):
+    """Before the update: the recorded steps' log-probs under the current executor, through the update's own
+    groups and code path so that the first ratio is exactly 1, and the frozen reference's means for the KL.
+    Needs no reward, so on the world it runs while the judges do. Returns logp_old (R, K), mean_ref (R, K, C, c, h, w)."""
+    executor.eval()
+    logp_old, mean_ref = torch.zeros(xs.shape[:2], device=xs.device), torch.zeros_like(xs)
+    for j, i in (g for part in groups for g in part):
+        i = i.to(xs.device)
+        logp_old[i] = transition_steps(executor, lat[i], ctx[i], j, xs[i], x_nexts[i])[0]
+        mean_ref[i] = transition_steps(reference, lat[i], ctx[i], j, xs[i], x_nexts[i])[1]
+    return logp_old, mean_ref
+
+
+def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
+    """Flow-GRPO (FACTS 5): per policy step k, loss_k = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
+    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); the K steps' losses averaged, one optimizer
+    step per minibatch. A minibatch's groups add their gradients up to the minibatch's."""
     stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_skipped": 0}
-    with torch.no_grad():  # old log-probs through the update's own code path, so the first ratio is exactly 1
-        old = torch.cat([torch.stack([transition_step(executor, lat[i], ctx[i], switch[i.cpu()], xs[i, k], x_nexts[i, k], k)[0]
-                                      for k in range(K)], 1) for i in micro(torch.arange(len(adv), device=lat.device))])
-    stats["logp_rollout_gap"] = (old - logp_old).abs().max().item()  # streamed vs full forward: bf16 noise only
-    logp_old = old
     executor.train()
-    n_mb = 0
-    for idx in batches_of(len(adv)):
-        n_mb += 1
-        for k in range(K):
-            for i in micro(idx.to(lat.device)) if len(idx) else []:
-                a = [lat[i], ctx[i], switch[i.cpu()], xs[i, k], x_nexts[i, k]]
-                logp, mean, std = transition_step(executor, *a, k)
-                with torch.no_grad():
-                    _, mean_ref, _ = transition_step(reference, *a, k)
-                ratio = torch.exp(logp - logp_old[i, k])                            # (B,)
-                A = adv[i]
-                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / len(idx)
-                kl = ((mean - mean_ref) ** 2).flatten(1).mean(1).sum() / len(idx) / (2 * std ** 2)
-                loss = (policy + kl_beta * kl) / K
-                if not torch.isfinite(loss):
-                    stats["e_skipped"] += 1
-                    continue
-                loss.backward()
-                stats["e_loss"] += loss.item()
-                stats["kl"] += kl.item() / K
-                stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().sum().item() / len(idx) / K
+    for part in groups:
+        n = sum(len(i) for _, i in part)
+        for j, i in part:
+            i = i.to(xs.device)
+            logp, mean, std = transition_steps(executor, lat[i], ctx[i], j, xs[i], x_nexts[i])   # (B, K), (B, K, ...)
+            ratio = torch.exp(logp - logp_old[i])                                                 # (B, K)
+            A = adv[i, None]                                                                      # (B, 1)
+            policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / n
+            kl = sum(((mean[:, k] - mean_ref[i, k]) ** 2).flatten(1).mean(1).sum() / (2 * std[k] ** 2) for k in range(K)) / n
+            loss = (policy + kl_beta * kl) / K
+            if not torch.isfinite(loss):
+                stats["e_skipped"] += 1
+                continue
+            loss.backward()
+            stats["e_loss"] += loss.item()
+            stats["kl"] += kl.item() / K
+            stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().sum().item() / n / K
         sync_grads(executor.parameters())
         torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
         e_opt.step()
         e_opt.zero_grad(set_to_none=True)
-    return {k: v / max(n_mb, 1) if k in ("e_loss", "kl", "e_clip_frac") else v for k, v in stats.items()}
+    return {k: v / len(groups) if k in ("e_loss", "kl", "e_clip_frac") else v for k, v in stats.items()}
 
 
 def planner_update(samples, adv):
@@ -760,11 +777,10 @@ if warmup:  # every attention shape of the iteration once, so kernel autotuning 
             executor(torch.randn(1, C, *frame_shape, device=device), torch.full((1, C), 500.0, device=device),
                      torch.zeros(1, L, D, device=device), cache=cache, start_frame=j * C)
     del cache
-    for j in range(1, T // C):  # the update's block-causal forward and backward, for each transition chunk
-        with autocast:
-            v = executor(torch.randn(1, (j + 1) * C, *frame_shape, device=device), torch.zeros(1, (j + 1) * C, device=device),
-                         torch.zeros(1, j + 1, L, D, device=device))
-        v.float().square().mean().backward()
+    for j in range(1, T // C):  # the update's forward and backward (transition_steps), for each transition chunk
+        xs = torch.randn(1, K, C, *frame_shape, device=device)
+        transition_steps(executor, torch.randn(1, T, *frame_shape, device=device), torch.zeros(1, T // C, L, D, device=device),
+                         j, xs, xs)[0].sum().backward()
     executor.zero_grad(set_to_none=True)
     sync()
     if master:
@@ -794,20 +810,32 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     # 2. the execution groups: N continuations of every plan
     plans = [run[i] for i in valid]
     if plans:
-        lat, switch, ctx, xs, x_nexts, logp_old = rollout(plans, g)
+        lat, switch, ctx, xs, x_nexts, logp_rollout = rollout(plans, g)
     sync()
     t2, mem["rollout"] = time.time(), peak_gb()
 
-    # 3. rewards: an invalid plan gets 0, never a crash
+    # 3. rewards: an invalid plan gets 0, never a crash. The world's judges run in CPU workers while the GPU
+    # re-scores the recorded transition steps, which needs no reward (rescore)
     jobs = [(None, batch[valid[r // N] // M], plans[r // N], int(switch[r])) for r in range(len(plans) * N)]
+    has_switch = [vi for vi in range(len(plans)) if switch[vi * N] >= 0]  # execution groups with a transition
+    rows = torch.tensor([vi * N + n for vi in has_switch for n in range(N)], dtype=torch.long)
+    d = rows.to(device)
+    groups = update_groups(switch[rows]) if len(rows) else []
     if not real:
         videos = to_uint8(lat) if plans else []
-        scores = pool.map(judge, [(v, *j[1:]) for v, j in zip(videos, jobs)], chunksize=4) if jobs else []
+        pending = pool.map_async(judge, [(v, *j[1:]) for v, j in zip(videos, jobs)], chunksize=4) if jobs else None
+    if train_executor and len(rows):
+        logp_old, mean_ref = rescore(groups, lat[d], ctx[d], xs[d], x_nexts[d])
+        rollout_gap = (logp_old - logp_rollout[d]).abs().max().item()  # streamed vs full forward: bf16 noise only
+    sync()
+    t_rescored = time.time()
+    if not real:
+        scores = pending.get() if jobs else []
     else:
         with resident(vae):
             videos = decode(lat) if plans else []
         sync()
-        t_decode = time.time() - t2
+        t_decode = time.time() - t_rescored
         scores = judge_real(videos, jobs)
     terms = {"plan_quality": torch.zeros(len(batch) * M), "temporal": torch.zeros(len(batch) * M)}
     with resident(*([llm_judge.model] if real else [])):
@@ -818,8 +846,6 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
                                         rewards.plan_quality(parsed[i][0], batch[i // M], T))
             terms["temporal"][i] = float(np.mean([scores[vi * N + n]["temporal"] for n in range(N)]))
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
-    has_switch = [vi for vi in range(len(plans)) if switch[vi * N] >= 0]  # execution groups with a transition
-    rows = torch.tensor([vi * N + n for vi in has_switch for n in range(N)], dtype=torch.long)
     local = torch.tensor([scores[r]["local"] for r in rows.tolist()])  # (groups * N,)
     aesthetic = torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()])
     r_exec = w_local * local + w_aesthetic * aesthetic
@@ -836,8 +862,8 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     if train_executor:
         if len(rows):
             adv = group_advantages(r_exec, N, std=adv_std).clamp(-adv_clip, adv_clip).to(device)
-            d = rows.to(device)
-            stats |= executor_update(lat[d], ctx[d], switch[rows], xs[d], x_nexts[d], logp_old[d], adv)
+            stats |= executor_update(groups, lat[d], ctx[d], xs[d], x_nexts[d], logp_old, mean_ref, adv)
+            stats["logp_rollout_gap"] = rollout_gap
         else:  # nothing to learn from here; still join the other ranks' all-reduces
             for _ in range(num_minibatches):
                 sync_grads(executor.parameters())
@@ -870,7 +896,7 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
         stats["rank_weight_spread"] = (hi - lo).item()
     rec = {"iter": it, "ranks": world_size, **{k: round(v, 4) for k, v in means.items()}, **{k: round(float(v), 6) for k, v in stats.items()},
            "invalid_reasons": sorted({r for p, r in parsed if p is None})[:3],
-           "t_plan": round(t1 - t0, 2), "t_rollout": round(t2 - t1, 2), "t_judge": round(t3 - t2, 2),
+           "t_plan": round(t1 - t0, 2), "t_rollout": round(t2 - t1, 2), "t_judge": round(t3 - t2, 2), "t_rescore": round(t_rescored - t2, 2),
            "t_update": round(t4 - t3, 2), "t_update_planner": round(t_planner, 2), "rollouts": rollouts,
            "rollouts_per_s": round(rollouts / (t4 - t0), 3), "minutes": round((time.time() - t_start) / 60, 2)}
     if real:
@@ -890,7 +916,7 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
         bar.set_postfix(temporal=f"{means['r_temporal']:.3f}", local=f"{means['r_local']:.3f}")
         if real:
             print(f"iter {it}: {rollouts} rollouts on {world_size} rank(s) in {t4 - t0:.1f} s: planning {t1 - t0:.1f} s, "
-                  f"rollout {t2 - t1:.1f} s, judging {t3 - t2:.1f} s (VAE decode {t_decode:.1f}), update {t4 - t3:.1f} s "
+                  f"rollout {t2 - t1:.1f} s, judging {t3 - t2:.1f} s (re-scoring {t_rescored - t2:.1f}, VAE decode {t_decode:.1f}), update {t4 - t3:.1f} s "
                   f"(planner {t_planner:.1f}); peak GPU memory per rank (GB) {rec.get('peak_gb', '-')}, "
                   f"per phase {rec.get('phase_peak_gb', '-')}; losses p {stats.get('p_loss', 0.0):.4g}, "
                   f"e {stats.get('e_loss', 0.0):.4g}", flush=True)
@@ -912,7 +938,8 @@ if master and real and cuda and random_weights:  # the plan computed from these 
              "vae": n_par(vae)}
     backbones.memory_plan(world_size, torch.cuda.get_device_properties(device).total_memory / 1e9, sizes, M, N,
                           instructions, rollout_rows or M * N, T, (frame_shape[1] // ph) * (frame_shape[2] // pw),
-                          plan_tokens, offload=offload)
+                          plan_tokens, offload=offload,  # the update's longest forward (transition_steps):
+                          update_frames=K * T if executor.cfg.window_frames else T - C + K * C)
 if ddp:
     dist.destroy_process_group()
 if pool is not None:
