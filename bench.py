@@ -8,6 +8,7 @@ against references measured in the same run, with the GPU named.
     python bench.py --scaling         # train.py's rollouts per second on 1, 2 and 4 GPUs (torchrun), and the efficiency
     python bench.py --memory          # the per-GPU memory plan of one Wan-scale TempAct iteration (8x H100 80 GB)
     python bench.py --generate        # streaming generation at Wan-1.3B size (random weights): FPS, latency, memory
+    python bench.py --update          # train.py's executor update: K copies of a chunk in one forward vs K forwards
 """
 
 import json
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # config
-mode = "kernel"     # kernel | quality | generate | scaling | memory
+mode = "kernel"     # kernel | quality | generate | scaling | memory | update
 check = False       # kernel: also check bf16 output/gradients against the float32 reference
 heads = 12          # Wan: 12 heads of 128
 head_dim = 128
@@ -57,7 +58,7 @@ rows_generate = "triton,sdpa,longlive,longlive-sdpa,eager,no-decode,vae-layout,p
 budget_s = 0.0                        # stop starting new rows after this many seconds (0: no limit)
 # -----------------------------------------------------------------------------
 for a in list(sys.argv[1:]):  # `--kernel`, `--check`, `--quality`, ... are shorthands for --mode=..., --check=True
-    if a in ("--kernel", "--quality", "--generate", "--scaling", "--memory"):
+    if a in ("--kernel", "--quality", "--generate", "--scaling", "--memory", "--update"):
         sys.argv.remove(a)
         mode = a[2:]
     elif a == "--check":
@@ -465,8 +466,69 @@ def bench_generate():
           f"SDPA = torch's scaled_dot_product_attention with its default backend choice")
 
 
+def bench_update():
+    """train.py's executor update re-scores the K policy steps of a transition chunk at chunk j. Before: K
+    forward + backward passes of the context frames [0, jC) followed by the chunk at sigma_k. Now
+    (transition_steps): one pass of the context followed by K copies of the chunk, each seeing the context
+    and itself (the model's copies=K). Both in bf16 autocast on float32 weights, as train.py trains; the
+    Wan-1.3B rows (random weights, 480x832, K = 3 re-noise steps, one row a pass) recompute each block in
+    the backward as config/wan_bench.py does; the world rows (K = 9 Euler steps) take 32 rows a pass.
+    Median of `repeats` timed runs after one warm-up; the same weights and inputs for both."""
+    import statistics
+
+    import model as M
+
+    dev = device
+    print(f"executor update, one transition chunk's K steps re-scored, forward + backward, on {torch.cuda.get_device_name()}")
+    print(f"{'model':10s} {'rows':>4s} {'chunk j':>7s} {'K':>2s} {'K passes ms':>12s} {'copies ms':>10s} {'speed-up':>8s}")
+    for name, B, K, hw, js in (("wan-1.3b", 1, 3, (height // 8, width // 8), (2, 6)), ("world", 32, 9, (64, 64), (2, 7))):
+        torch.manual_seed(0)
+        cfg = M.CONFIGS[name]
+        with torch.device(dev):
+            net = M.WanDiT(cfg)
+        if name != "world":  # memory for one block's activations at a time (train.py's grad_ckpt)
+            for block in net.blocks:
+                block.forward = lambda *a, _f=block.forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+        C, shape = cfg.chunk_frames, (cfg.in_dim, *hw)
+        for j in js:
+            ctx = torch.randn(B, j * C, *shape, device=dev)
+            xs = torch.randn(B, K, C, *shape, device=dev)
+            text = torch.randn(B, j + 1, cfg.text_len, cfg.text_dim, device=dev)
+            sig = torch.linspace(900, 100, K, device=dev)
+
+            def separate():
+                for k in range(K):
+                    t = torch.cat([torch.zeros(B, j * C, device=dev), sig[k].expand(B, C)], 1)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        v = net(torch.cat([ctx, xs[:, k]], 1), t, text)[:, j * C:]
+                    v.float().square().mean().backward()
+
+            def copies():
+                t = torch.cat([torch.zeros(B, j * C, device=dev), sig.repeat_interleave(C).expand(B, -1)], 1)
+                c = torch.cat([text[:, :j], text[:, j:].expand(-1, K, -1, -1)], 1)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    v = net(torch.cat([ctx, xs.flatten(1, 2)], 1), t, c, copies=K)[:, j * C:]
+                v.float().square().mean().backward()
+
+            ms = {}
+            for fn in (separate, copies):
+                times = []
+                for i in range(repeats + 1):  # the first: kernel tuning, allocations
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    net.zero_grad(set_to_none=True)
+                ms[fn.__name__] = 1000 * statistics.median(times[1:])
+            print(f"{name:10s} {B:4d} {j:7d} {K:2d} {ms['separate']:12.1f} {ms['copies']:10.1f} "
+                  f"{ms['separate'] / ms['copies']:7.2f}x", flush=True)
+        del net
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    if mode in ("kernel", "generate", "scaling") and not torch.cuda.is_available():
+    if mode in ("kernel", "generate", "scaling", "update") and not torch.cuda.is_available():
         die(f"--{mode} measures GPUs: no CUDA GPU here")
     if mode == "generate":
         bench_generate()
@@ -474,6 +536,8 @@ if __name__ == "__main__":
         bench_scaling()
     elif mode == "memory":
         bench_memory()
+    elif mode == "update":
+        bench_update()
     elif mode == "kernel":
         if check:
             check_kernel()
