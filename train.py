@@ -614,7 +614,7 @@ def transition_steps(net, lat, ctx, j: int, xs, x_nexts):
     which re-encodes the cached frames with the new prompt, is the exception), and the context runs once,
     not K times. A windowed model (LongLive) cannot show a copy the context: one forward per step.
     lat (B, T, c, h, w), ctx (B, chunks, L, D), xs, x_nexts (B, K, C, c, h, w) -> logp (B, K),
-    mean (B, K, C, c, h, w), std (K floats)."""
+    mean (B, K, C, c, h, w), std (K,)."""
     B, f, dev = len(lat), j * C, lat.device
     t_ctx = torch.zeros(B, f, device=dev)
     with autocast:
@@ -628,7 +628,8 @@ def transition_steps(net, lat, ctx, j: int, xs, x_nexts):
                                  torch.cat([t_ctx, torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
                                  ctx[:, :j + 1])[:, f:] for k in range(K)], 1)                      # (B, K, C, c, h, w)
     steps = [policy_step(xs[:, k], v[:, k], sigmas[k], sigmas[k + 1], x_next=x_nexts[:, k]) for k in range(K)]
-    return torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1), [s[3] for s in steps]
+    return (torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1),
+            torch.tensor([float(s[3]) for s in steps], device=dev))
 
 
 def update_groups(switch: torch.Tensor) -> list[list[tuple[int, torch.Tensor]]]:
@@ -670,7 +671,7 @@ def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
             ratio = torch.exp(logp - logp_old[i])                                                 # (B, K)
             A = adv[i, None]                                                                      # (B, 1)
             policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / n
-            kl = sum(((mean[:, k] - mean_ref[i, k]) ** 2).flatten(1).mean(1).sum() / (2 * std[k] ** 2) for k in range(K)) / n
+            kl = (((mean - mean_ref[i]) ** 2).flatten(2).mean(2) / (2 * std ** 2)).sum() / n        # summed over k
             loss = (policy + kl_beta * kl) / K
             if not torch.isfinite(loss):
                 stats["e_skipped"] += 1
