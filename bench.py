@@ -470,7 +470,7 @@ def bench_update():
     """train.py's executor update re-scores the K policy steps of a transition chunk at chunk j. Before: K
     forward + backward passes of the context frames [0, jC) followed by the chunk at sigma_k. Now
     (transition_steps): one pass of the context followed by K copies of the chunk, each seeing the context
-    and itself (the model's copies=K). Both in bf16 autocast on float32 weights, as train.py trains; the
+    and itself (model.forward_copies). Both in bf16 autocast on float32 weights, as train.py trains; the
     Wan-1.3B rows (random weights, 480x832, K = 3 re-noise steps, one row a pass) recompute each block in
     the backward as config/wan_bench.py does; the world rows (K = 9 Euler steps) take 32 rows a pass.
     Median of `repeats` timed runs after one warm-up; the same weights and inputs for both."""
@@ -504,10 +504,8 @@ def bench_update():
                     v.float().square().mean().backward()
 
             def copies():
-                t = torch.cat([torch.zeros(B, j * C, device=dev), sig.repeat_interleave(C).expand(B, -1)], 1)
-                c = torch.cat([text[:, :j], text[:, j:].expand(-1, K, -1, -1)], 1)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    v = net(torch.cat([ctx, xs.flatten(1, 2)], 1), t, c, copies=K)[:, j * C:]
+                    v = M.forward_copies(net, ctx, xs, sig, text)
                 v.float().square().mean().backward()
 
             ms = {}

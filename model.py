@@ -415,6 +415,19 @@ class WanDiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def forward_copies(model: WanDiT, context, versions, t, prompts) -> torch.Tensor:
+    """v of K versions of the chunk that follows `context`, each as if alone after the context, in one
+    forward (copies=K): an RL update re-scoring the K noise levels of one chunk runs the context once.
+    context (B, f, C, H, W) clean frames (t = 0); versions (B, K, chunk, C, H, W) at timesteps t (K,);
+    prompts (B, f / chunk + 1, Lt, text_dim): one per context chunk, then the versions' -> (B, K, chunk, C, H, W)."""
+    B, f = context.shape[:2]
+    K, c = versions.shape[1:3]
+    x = torch.cat([context, versions.flatten(1, 2)], 1)                                   # (B, f + K c, C, H, W)
+    t = torch.cat([torch.zeros(B, f, device=x.device), t.repeat_interleave(c).expand(B, -1)], 1)  # (B, f + K c)
+    prompts = torch.cat([prompts[:, :-1], prompts[:, -1:].expand(-1, K, -1, -1)], 1)    # (B, f / c + K, Lt, D)
+    return model(x, t, prompts, copies=K)[:, f:].unflatten(1, (K, c))
+
+
 # -----------------------------------------------------------------------------
 # streaming KV cache
 

@@ -361,8 +361,7 @@ def test_copies_equal_separate_forwards(abs_pos):
     lat, xs, ctx = lat.double(), xs.double(), ctx.double()
     w = torch.randn(B, K, C, cfg.out_dim, 6, 8, generator=g).double()  # a random linear loss
     zeros = torch.zeros(B, j * C)
-    v = net(torch.cat([lat, xs.flatten(1, 2)], 1), torch.cat([zeros, sig.repeat_interleave(C).expand(B, -1)], 1).double(),
-            torch.cat([ctx[:, :j], ctx[:, j:].expand(-1, K, -1, -1)], 1), copies=K)[:, j * C:].unflatten(1, (K, C))
+    v = M.forward_copies(net, lat, xs, sig.double(), ctx)
     (v * w).sum().backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     net.zero_grad()

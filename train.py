@@ -609,23 +609,19 @@ def batches_of(n: int) -> list[torch.Tensor]:
 
 def transition_steps(net, lat, ctx, j: int, xs, x_nexts):
     """Re-score the K recorded steps of rows whose transition chunk is j. One forward holds the clean context
-    frames [0, jC) at t = 0 and then the chunk at every sigma_k (the model's copies=K): each copy's v is the
+    frames [0, jC) at t = 0 and then the chunk at every sigma_k (model.forward_copies): each copy's v is the
     one the streamed sampler computed (test_all.py checks streaming == this forward; LongLive's re-cache,
     which re-encodes the cached frames with the new prompt, is the exception), and the context runs once,
     not K times. A windowed model (LongLive) cannot show a copy the context: one forward per step.
     lat (B, T, c, h, w), ctx (B, chunks, L, D), xs, x_nexts (B, K, C, c, h, w) -> logp (B, K),
     mean (B, K, C, c, h, w), std (K,)."""
     B, f, dev = len(lat), j * C, lat.device
-    t_ctx = torch.zeros(B, f, device=dev)
     with autocast:
         if not net.cfg.window_frames:
-            x = torch.cat([lat[:, :f], xs.flatten(1, 2)], 1)                                         # (B, f + K C, c, h, w)
-            t = torch.cat([t_ctx, (1000 * torch.tensor(sigmas[:K], device=dev)).repeat_interleave(C).expand(B, -1)], 1)
-            c = torch.cat([ctx[:, :j], ctx[:, j:j + 1].expand(-1, K, -1, -1)], 1)                   # (B, j + K, L, D)
-            v = net(x, t, c, copies=K)[:, f:].unflatten(1, (K, C))                                  # (B, K, C, c, h, w)
+            v = Mod.forward_copies(net, lat[:, :f], xs, 1000 * torch.tensor(sigmas[:K], device=dev), ctx[:, :j + 1])
         else:
             v = torch.stack([net(torch.cat([lat[:, :f], xs[:, k]], 1),
-                                 torch.cat([t_ctx, torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
+                                 torch.cat([torch.zeros(B, f, device=dev), torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
                                  ctx[:, :j + 1])[:, f:] for k in range(K)], 1)                      # (B, K, C, c, h, w)
     steps = [policy_step(xs[:, k], v[:, k], sigmas[k], sigmas[k + 1], x_next=x_nexts[:, k]) for k in range(K)]
     return (torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1),
