@@ -23,12 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import attention as _attn
-from attention import attention_mask, visible_pairs
-
-# torch.compile (pretrain.py --compile) fuses the float32 norms and modulations around attention, but
-# it cannot trace the Triton kernel's autograd.Function: it calls the kernel as it is, between graphs.
-attention = torch.compiler.disable(_attn.attention)
+# a custom operator: torch.compile (pretrain.py --compile) fuses the float32 norms and modulations around
+# it and calls the Triton kernel as it is, inside the compiled graph
+from attention import attention, attention_mask, visible_pairs
 
 # Switches for inference speed, flipped by bench.py --generate and sample.py (like attention.BACKEND):
 SDPA = False      # attention through torch's scaled_dot_product_attention instead of our Triton kernel
@@ -137,6 +134,13 @@ def sincos_positions(dim: int, grid: tuple, start_frame: int, device) -> torch.T
     dims.append(dim - sum(dims))
     return torch.cat([t for a in grid_angles(dims, grid, start_frame, device, 100.0) for t in (a.sin(), a.cos())],
                      dim=-1).float()
+
+
+@torch.compiler.disable  # computed eagerly: compiled, Inductor recomputed the float64 cos/sin in every kernel
+def position_tables(cfg, grid: tuple, start_frame, device):  # that read them (15 ms a layer in a backward)
+    """The absolute position embedding (L, dim), or None without abs_pos, and RoPE's cos, sin (L, head_dim / 2)."""
+    pos = sincos_positions(cfg.dim, grid, start_frame, device) if cfg.abs_pos else None
+    return pos, rope_cos_sin(cfg.head_dim, grid, start_frame, device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -380,8 +384,9 @@ class WanDiT(nn.Module):
                 "copies: context chunks then whole copies of one chunk, block-causal without a window"
             ar = functools.partial(torch.arange, device=x.device)
             start_frame = torch.cat([ar(n_ctx), n_ctx + ar(C).repeat(copies)]) + start_frame  # (F,) frame indices
-        if cfg.abs_pos:
-            h = h + sincos_positions(cfg.dim, grid, start_frame, x.device)
+        pos, rope = position_tables(cfg, grid, start_frame, x.device)
+        if pos is not None:
+            h = h + pos
 
         e = self.time_embedding(timestep_embedding(t, cfg.freq_dim).to(dt)).float()  # (B*F, dim)
         e0 = self.time_projection(e.to(dt)).float().unflatten(1, (6, cfg.dim)).unflatten(0, (B, nf))  # (B, F, 6, dim)
@@ -391,7 +396,6 @@ class WanDiT(nn.Module):
             ctx = None  # every layer has the prompt's keys/values already
         else:
             ctx = context if text_embedded else self.embed_text(context)  # (B, text_len, dim)
-        rope = rope_cos_sin(cfg.head_dim, grid, start_frame, x.device)
         if copies:
             mask = dict(chunk=C * S, sink=n_ctx * S, window=C * S)
         elif cache is None:
