@@ -789,7 +789,7 @@ class _FlashAttention(torch.autograd.Function):
 
 # The same kernels as two PyTorch operators with an autograd rule, for torch.compile: it keeps them in its
 # graph as opaque calls, where it breaks the graph around an autograd.Function (twice per block). Eager
-# code takes the autograd.Function: an operator call costs about 35 us more on the CPU.
+# code takes the autograd.Function: an operator call costs tens of microseconds more on the CPU.
 @torch.library.custom_op("tempact::flash_attention", mutates_args=())
 def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, chunk: int, sink: int, window: int,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:

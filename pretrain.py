@@ -149,7 +149,8 @@ def collate(examples: list) -> tuple:
 def batches(example_fn, start: int):
     """Endless batches of examples start, start+1, ...; worker processes render and stack whole batches
     ahead. A batch's videos come back as one tensor in shared memory, pinned on a side thread, so the
-    training loop neither unpickles nor copies them (a process pool's pickled arrays halved its speed)."""
+    training loop neither unpickles nor copies them (with a process pool's pickled arrays it ran a
+    third slower)."""
     n = workers or os.cpu_count()
     index = (range(i, i + batch_size) for i in itertools.count(start, batch_size))
     kw = dict(num_workers=n, multiprocessing_context="fork") if n > 1 else {}  # each worker 2 batches ahead
