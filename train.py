@@ -57,14 +57,14 @@ seed = 0
 max_iters = 60            # RL iterations ...
 max_minutes = 9.0         # ... or this much training time (counted across resumes), whichever comes first
 instructions = 0          # instructions per iteration, per rank; 0: 32 on the world (fewer, larger updates
-                          # beat 8 there in the same minutes, README), 8 on real backbones
+                          # beat 8 there in the same minutes, EXPERIMENTS.md), 8 on real backbones
 M = 4                     # plans per instruction (the planning group)
 N = 4                     # continuations per plan (the execution group)
 min_steps, max_steps = 2, 4   # training instructions have this many steps (a switch is needed)
 prompts = ""              # a file of instructions, one a line ('': sampled from the shapes world's grammar)
 train_planner = True
 train_executor = True
-smoothing = "none"        # prompt smoothing at span ends: ramp (the paper's) | none (did better on the world, README)
+smoothing = "none"        # prompt smoothing at span ends: ramp (the paper's) | none (did better on the world, EXPERIMENTS.md)
 flat_groups = False       # ablation: no shared context, every continuation its own rollout
 transition_noise = "own"  # the transition chunk's start noise in an execution group: shared | own (see rollout)
 # planner (GSPO)
@@ -74,11 +74,11 @@ plan_tokens = 256         # the planner's budget of new tokens per plan
 gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
-executor_lr = 1e-5        # full-weight RL: at 1e-4 the world executor collapsed (README)
+executor_lr = 1e-5        # full-weight RL: at 1e-4 the world executor collapsed (EXPERIMENTS.md)
 sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
-noise_level = 1.0         # Flow-GRPO's a (the world's SDE; Flow-GRPO uses 0.7, 1.0 did better here, README)
+noise_level = 1.0         # Flow-GRPO's a (the world's SDE; Flow-GRPO uses 0.7, 1.0 did better here, EXPERIMENTS.md)
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
@@ -518,7 +518,7 @@ def rollout(plans: list, g: torch.Generator):
             # a group shares its plan's noise up to the switch. With transition_noise="shared" the transition
             # chunk also starts from one noise, so its N continuations differ only by the recorded SDE steps: the
             # group mean is then the value of the state those steps act from, and the start noise (no action of
-            # the policy) adds nothing to the advantages' variance. On the world it gave no gain (README)
+            # the policy) adds nothing to the advantages' variance. On the world it gave no gain (EXPERIMENTS.md)
             together = (sw < 0) | (j < sw) | ((j == sw) & (transition_noise == "shared"))
             noise = own[rows, j] if flat_groups else torch.where(together[:, None, None, None, None, None],
                                                                  shared[rows, j], own[rows, j])  # (B, draws, C, c, h, w)
