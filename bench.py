@@ -487,8 +487,7 @@ def bench_update():
         with torch.device(dev):
             net = M.WanDiT(cfg)
         if name != "world":  # memory for one block's activations at a time (train.py's grad_ckpt)
-            for block in net.blocks:
-                block.forward = lambda *a, _f=block.forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+            M.recompute_blocks(net)
         C, shape = cfg.chunk_frames, (cfg.in_dim, *hw)
         for j in js:
             ctx = torch.randn(B, j * C, *shape, device=dev)

@@ -419,6 +419,19 @@ class WanDiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def checkpointed(fwd, *args, **kwargs):
+    """A block's forward whose activations are recomputed in the backward instead of kept."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+    return fwd(*args, **kwargs)
+
+
+def recompute_blocks(model: WanDiT):
+    """Training memory for one block's activations at a time instead of all of them (train.py --grad_ckpt)."""
+    for block in model.blocks:
+        block.forward = functools.partial(checkpointed, block.forward)
+
+
 def forward_copies(model: WanDiT, context, versions, t, prompts) -> torch.Tensor:
     """v of K versions of the chunk that follows `context`, each as if alone after the context, in one
     forward (copies=K): an RL update re-scoring the K noise levels of one chunk runs the context once.

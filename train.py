@@ -35,7 +35,6 @@ planner is sharded with FSDP2 (fully_shard) for real backbones (planner_shard).
 """
 
 import copy
-import functools
 import json
 import os
 import random
@@ -264,13 +263,6 @@ def gathered(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def checkpointed(fwd, *args, **kwargs):
-    """A block's forward whose activations are recomputed in the backward instead of kept."""
-    if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fwd, *args, use_reentrant=False, **kwargs)
-    return fwd(*args, **kwargs)
-
-
 # -----------------------------------------------------------------------------
 # models: the trained planner and executor, the frozen reference executor, the frozen text encoder,
 # (real backbones) the VAE and the judges
@@ -337,8 +329,7 @@ executor.float()
 for p in list(text_enc.parameters()) + list(reference.parameters()):
     p.requires_grad_(False)
 if grad_ckpt:  # memory for one block's activations instead of all of them, for a second forward
-    for block in executor.blocks:
-        block.forward = functools.partial(checkpointed, block.forward)
+    Mod.recompute_blocks(executor)
     enable = getattr(planner.model, "activation_checkpointing_enable", None)  # newer transformers' name ...
     (enable or planner.model.gradient_checkpointing_enable)({"use_reentrant": False})  # ... older ones have only this
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
