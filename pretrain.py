@@ -55,7 +55,8 @@ ckpt_every = 1000         # steps between resumable checkpoints
 log_every = 50
 workers = 0               # processes rendering videos; 0 = all CPUs
 init_from = ""            # start from exported weights in this folder (no optimizer state), when out_dir has no state
-compile = False           # torch.compile the executor: fuses its many small float32 norm/modulation ops
+compile = False           # torch.compile the executor: fuses its many small float32 norm/modulation ops ...
+compile_mode = "reduce-overhead"  # ... and replays them as CUDA graphs (a torch.compile mode; "default": no graphs)
 # executor
 executor_config = "world"         # a model.CONFIGS name
 global_caption_frac = 0.3         # clips captioned with the global instruction; the rest get step captions
@@ -198,7 +199,7 @@ def train_executor():
 
 def compiled(net):
     """The same module, compiled (it shares parameters); state dicts come from the plain one."""
-    return torch.compile(net) if compile else net
+    return torch.compile(net, mode=compile_mode) if compile else net
 
 
 def export_executor(net, text_enc, ema_params, step):
@@ -250,7 +251,8 @@ if model not in ("executor", "planner"):
     die(f"unknown model '{model}': executor or planner")
 net, text_enc, params, ema_params, loss_fn = train_executor() if model == "executor" else train_planner()
 export = export_executor if model == "executor" else export_planner
-optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay,
+                              fused=dev_type == "cuda")  # one kernel for all parameters on a GPU
 state_path = os.path.join(out_dir, f"{model}_state.pt")
 step, minutes_before = 0, 0.0
 try:
