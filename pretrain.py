@@ -249,6 +249,8 @@ def export_planner(net, _, ema_params, step):
 
 if model not in ("executor", "planner"):
     die(f"unknown model '{model}': executor or planner")
+if compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+    die(f"unknown compile_mode '{compile_mode}': default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
 net, text_enc, params, ema_params, loss_fn = train_executor() if model == "executor" else train_planner()
 export = export_executor if model == "executor" else export_planner
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay,
