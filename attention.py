@@ -694,13 +694,19 @@ def _mask_constexprs(q, chunk, window):
                 DOT_UPCAST=INTERPRET and q.dtype == torch.bfloat16)
 
 
+def _lse_buffer(q):
+    """(B, H, Lq) fp32 view of a buffer whose rows are padded to whole tiles of the largest BLOCK_M."""
+    B, Lq, H, _ = q.shape
+    max_m = max(c.kwargs["BLOCK_M"] for c in _attn_fwd.configs)
+    return q.new_empty((B, H, triton.cdiv(Lq, max_m) * max_m), dtype=torch.float32)[..., :Lq]
+
+
 def _flash_forward(q, k, v, q_offset, chunk, sink, window, scale):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     o = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D) contiguous
     max_m = max(c.kwargs["BLOCK_M"] for c in _attn_fwd.configs)
-    # (B, H, Lq) view of a buffer whose rows are padded to whole tiles
-    lse = torch.empty((B, H, triton.cdiv(Lq, max_m) * max_m), dtype=torch.float32, device=q.device)[..., :Lq]
+    lse = _lse_buffer(q)  # (B, H, Lq)
     split = chunk == 0  # split-KV balances the last wave; only for equal-cost tiles
     wave = _wave(q.device)
     pieces = wave * max(c.kwargs["OCC"] for c in _attn_fwd.configs) if split else 1  # at most one wave of them
@@ -798,10 +804,7 @@ def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, 
 
 @_flash_op.register_fake
 def _(q, k, v, q_offset, chunk, sink, window, scale):
-    B, Lq, H, _ = q.shape
-    max_m = max(c.kwargs["BLOCK_M"] for c in _attn_fwd.configs)  # lse's padded rows, as _flash_forward makes it
-    lse = q.new_empty((B, H, triton.cdiv(Lq, max_m) * max_m), dtype=torch.float32)[..., :Lq]
-    return q.new_empty(q.shape), lse
+    return q.new_empty(q.shape), _lse_buffer(q)
 
 
 @torch.library.custom_op("tempact::flash_attention_backward", mutates_args=())

@@ -611,8 +611,9 @@ def transition_steps(net, lat, ctx, j: int, xs, x_nexts):
         if not net.cfg.window_frames:
             v = Mod.forward_copies(net, lat[:, :f], xs, 1000 * torch.tensor(sigmas[:K], device=dev), ctx[:, :j + 1])
         else:
+            t_ctx = torch.zeros(B, f, device=dev)
             v = torch.stack([net(torch.cat([lat[:, :f], xs[:, k]], 1),
-                                 torch.cat([torch.zeros(B, f, device=dev), torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
+                                 torch.cat([t_ctx, torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
                                  ctx[:, :j + 1])[:, f:] for k in range(K)], 1)                      # (B, K, C, c, h, w)
     steps = [policy_step(xs[:, k], v[:, k], sigmas[k], sigmas[k + 1], x_next=x_nexts[:, k]) for k in range(K)]
     return (torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1),
