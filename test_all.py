@@ -1509,12 +1509,14 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):
-    # torchrun on the CPU: two ranks, gloo, one iteration; each rank its own instructions, weights kept equal
-    out = str(tmp_path / "ddp")
+    # torchrun on the CPU: two ranks, gloo, one iteration; each rank its own instructions, weights kept equal,
+    # also when one rank's one-step instruction leaves it no prompt switch, so no executor rows to learn from
+    out, prompts = str(tmp_path / "ddp"), tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves right\na red circle moves right, then turns blue\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *MICRO, f"--out_dir={out}", "--max_iters=1"],
+                        "train.py", *MICRO, f"--out_dir={out}", "--max_iters=1", f"--prompts={prompts}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-1500:]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]

@@ -853,10 +853,9 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
             adv = group_advantages(r_exec, N, std=adv_std).clamp(-adv_clip, adv_clip).to(device)
             stats |= executor_update(groups, lat[d], ctx[d], xs[d], x_nexts[d], logp_old, mean_ref, adv)
             stats["logp_rollout_gap"] = rollout_gap
-        else:  # nothing to learn from here; still join the other ranks' all-reduces
-            for _ in range(num_minibatches):
-                sync_grads(executor.parameters())
-                e_opt.zero_grad(set_to_none=True)
+        elif ddp:  # nothing to learn from here; still join the other ranks' all-reduces and take their
+            # optimizer steps (AdamW moves weights even on a zero gradient), or the weights drift apart
+            stats |= executor_update([[] for _ in range(num_minibatches)], None, None, None, None, None, None, None)
     sync()
     t4, mem["update"] = time.time(), peak_gb()
 
