@@ -58,8 +58,9 @@ def parse_plan(text, num_frames: int, max_steps: int = MAX_STEPS, min_len: int =
     LLM text -> (plan, "ok") or (None, reason). Never raises: during RL a bad plan is a
     reward of 0 with a logged reason, not a crash. Prose around the JSON is tolerated (the
     first [...] value is read); keys are matched after stripping spaces and lower-casing and
-    prompts have their whitespace collapsed, so the spaced-out text of a word-level tokenizer
-    (`[ { " prompt " : " a red circle " , ...`) parses like the canonical form.
+    prompts have their whitespace collapsed and lose the space before a comma, so the spaced-out
+    text of a word-level tokenizer (`[ { " prompt " : " a red circle , with ... " , ...`) parses
+    like the canonical form.
     """
     if not isinstance(text, str):
         return None, f"output is not text ({type(text).__name__})"
@@ -90,7 +91,7 @@ def parse_plan(text, num_frames: int, max_steps: int = MAX_STEPS, min_len: int =
                 return None, f"step {k} has no '{key}'"
         if not isinstance(step["prompt"], str):
             return None, f"step {k} prompt is not a string"
-        prompt = " ".join(step["prompt"].split())
+        prompt = " ".join(step["prompt"].split()).replace(" ,", ",")
         if not prompt:
             return None, f"step {k} has an empty prompt"
         start, end = _as_int(step["start"]), _as_int(step["end"])

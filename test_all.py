@@ -547,6 +547,7 @@ def test_parser_round_trips():
         for prompt in world.step_prompts(text):  # step prompts name their state and parse back too
             o, step = world.parse_step_prompt(prompt)
             assert world.step_prompts((o, (step,))) == [prompt]
+            assert len(o) == len(objs)  # the whole scene: the executor reads nothing else
     # user prompts may leave size and position out; the layout is then chosen so the script fits
     objs, steps = world.parse("A red circle moves right, and then turns blue.")
     assert [s.kind for s in steps] == ["move", "turn"] and objs[0].size == "small"
@@ -984,6 +985,11 @@ def test_parse_plan_good():
     tok = _word_tokenizer()
     spaced = tok.decode(tok(text).input_ids)
     assert spaced != text and P.parse_plan(spaced, FRAMES) == (GOOD_PLAN, "ok")
+    # the world's tokenizer puts a space before a step prompt's comma; the plan still reads back exactly
+    wt = world.build_tokenizer()
+    gt = world.ground_truth_plan("a big blue square in the middle shrinks, then a big green circle on the right turns purple")
+    assert any(", with the" in p for p, _, _ in gt)
+    assert P.parse_plan(wt.decode(wt(P.format_plan(gt)).input_ids), world.T) == (gt, "ok")
     assert P.parse_plan(P.format_plan([("one step", 0, FRAMES)]), FRAMES)[0] == [("one step", 0, FRAMES)]
 
 

@@ -210,11 +210,18 @@ def describe(objs: tuple, steps: tuple) -> str:
 
 
 def step_prompts(instruction) -> list[str]:
-    """One prompt per step, with the state each step starts from, e.g.
-    'the small red circle on the left turns blue'. The executor and the judges read these."""
+    """One prompt per step, with the whole scene each step starts from, e.g.
+    'the small red circle on the left turns blue, with the big green square at the top'.
+    The executor reads only these, so an object the step leaves alone is still named: without it
+    the executor cannot draw it (EXPERIMENTS.md, ninth attempt). The judges read these too."""
     objs, steps = parse(instruction) if isinstance(instruction, str) else instruction
     states = simulate(objs, steps)
-    return [f"{_full(st[s.actor])} {_verb(s, lambda i, st=st: _full(st[i]))}" for st, s in zip(states, steps)]
+    prompts = []
+    for st, s in zip(states, steps):
+        idle = [i for i in range(len(st)) if i not in (s.actor, s.target)]
+        prompts.append(f"{_full(st[s.actor])} {_verb(s, lambda i, st=st: _full(st[i]))}"
+                       + "".join(f", with {_full(st[i])}" for i in idle))
+    return prompts
 
 
 class _Reader:
@@ -293,6 +300,9 @@ def parse(text: str) -> tuple[tuple, tuple]:
         if step.target == actor:
             raise ParseError(f"cannot parse \"{text}\": the {objs[actor]['shape']} cannot move to itself")
         steps.append(step)
+        while r.words[r.i:r.i + 2] == [",", "with"] or r.peek() == "with":  # objects that stay put
+            r.take() if r.peek() == "," else None
+            r.take(), noun()
         if r.peek() is None:
             break
         if r.peek() not in (",", "then", "and"):
@@ -774,7 +784,7 @@ JSON_WORDS = ("plan", "prompt", "start", "end", "steps", "instruction")
 VOCAB_WORDS = tuple(dict.fromkeys(
     [str(n) for n in range(T + 1)] + list('[]{}:,".') +  # frame numbers are whole words: "12" is one token
     ["a", "the", "it", *SIZES, *PALETTE, *SHAPES, "at", "on", "in", "top", "bottom", "middle", *DIRECTIONS,
-     "moves", "to", "until", "touches", "turns", "grows", "shrinks", "then", "and", "finally", *JSON_WORDS]))
+     "moves", "to", "until", "touches", "turns", "grows", "shrinks", "then", "and", "finally", *JSON_WORDS, "with"]))
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
