@@ -300,9 +300,11 @@ def parse(text: str) -> tuple[tuple, tuple]:
         if step.target == actor:
             raise ParseError(f"cannot parse \"{text}\": the {objs[actor]['shape']} cannot move to itself")
         steps.append(step)
-        while r.words[r.i:r.i + 2] == [",", "with"] or r.peek() == "with":  # objects that stay put
-            r.take() if r.peek() == "," else None
-            r.take(), noun()
+        while r.peek() == "with" or r.words[r.i:r.i + 2] == [",", "with"]:  # objects that stay put
+            if r.peek() == ",":
+                r.take()
+            r.take()
+            noun()
         if r.peek() is None:
             break
         if r.peek() not in (",", "then", "and"):
