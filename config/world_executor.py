@@ -1,5 +1,5 @@
 # The shapes world's base executor, trained from scratch in one 9.3-minute run on one H200
-# (about 11,100 steps at batch 64, CUDA graphs):
+# (9,500-11,100 steps at batch 64 with CUDA graphs, depending on the host; README):
 # python pretrain.py config/world.py config/world_executor.py --model=executor --workers=14
 batch_size = 64
 lr = 8e-4             # 5e-4 ended at loss 0.010 against 0.007 in the same minutes, and scored lower (README)
