@@ -1412,6 +1412,8 @@ def test_train_two_iterations_and_resume(tmp_path):
     for r in log:
         assert all(math.isfinite(r[k]) for k in ("p_loss", "e_loss", "kl", "r_temporal", "r_local")), r
         assert r["logp_rollout_gap"] < 1e-4  # streamed sampling and the update's full forward agree (float32)
+        # the executor's reward (defaults): local step following + 0.2 aesthetic + its continuation's temporal score
+        assert r["r_exec"] == pytest.approx(r["r_local"] + 0.2 * r["r_aesthetic"] + r["r_exec_temporal"], abs=3e-4), r
     base_exec = M.read_state_dict(os.path.join(ROOT, "checkpoints", "world_executor.safetensors"))[0]
     from safetensors.torch import load_file
     base_plan = load_file(os.path.join(ROOT, "checkpoints", "world_planner", "model.safetensors"))
@@ -1426,9 +1428,9 @@ def test_train_two_iterations_and_resume(tmp_path):
     assert sb["iter"] == sa["iter"] == 2
     # resuming with other settings gets one line and touches nothing (AdamW's saved lr would win silently)
     log_b = open(os.path.join(b, "log.jsonl")).read()
-    r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=3", "--executor_lr=2e-5", "--M=3")
+    r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=3", "--executor_lr=3e-5", "--M=3")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
-        f"error: {b} holds a run with other settings (M=2 there, 3 here; executor_lr=1e-05 there, 2e-05 here): "
+        f"error: {b} holds a run with other settings (M=2 there, 3 here; executor_lr=2e-05 there, 3e-05 here): "
         "resume it with those, or choose another --out_dir"], r.stderr[-500:]
     assert open(os.path.join(b, "log.jsonl")).read() == log_b and _load_state(b)["iter"] == 2
     cfg = os.path.join(b, "config.json")  # a corrupt saved config: one line too
@@ -1512,6 +1514,12 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
                              g["group_advantages"](sign * r, N, std="group"))  # num_minibatches Adam steps
         moved[sign] = proxy(0)[0].mean().item() - before  # the same noise as `before`: only the weights differ
     assert moved[1.0] > moved[-1.0], moved
+    # --pair_frac=1: every training instruction has two objects and a two-object step, as Hard's do
+    instructions_for = g["instructions_for"]
+    instructions_for.__globals__["pair_frac"] = 1.0
+    for x in instructions_for(3):
+        objs, steps = world.parse(x)
+        assert len(objs) == 2 and any(s.kind in world.TWO_OBJECT for s in steps), x
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

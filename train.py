@@ -7,7 +7,8 @@ instructions. One iteration, for each instruction of the batch (SPEC "The TempAc
      continuations (the execution group): the first transition chunk's denoising steps are sampled
      from the policy's Gaussian and their log-probs recorded, the rest runs to the end of the video;
   3. rewards: plan quality + temporal following (mean over the N continuations) for the planner;
-     local step following + aesthetic on the transition chunk for the executor;
+     local step following + aesthetic on the transition chunk for the executor, plus (w_exec_temporal;
+     not in the paper, which has it at 0) the temporal following of the continuation's own video;
   4. GSPO for the planner (advantages within the M plans); Flow-GRPO for the executor on the
      transition chunk (advantages within each group of N, clipped ratio, KL to the frozen base).
 
@@ -60,6 +61,7 @@ instructions = 0          # instructions per iteration, per rank; 0: 32 on the w
 M = 4                     # plans per instruction (the planning group)
 N = 4                     # continuations per plan (the execution group)
 min_steps, max_steps = 2, 4   # training instructions have this many steps (a switch is needed)
+pair_frac = 0.0           # the world: this share of training instructions has two objects and a two-object step (as Hard)
 prompts = ""              # a file of instructions, one a line ('': sampled from the shapes world's grammar)
 train_planner = True
 train_executor = True
@@ -73,7 +75,7 @@ plan_tokens = 256         # the planner's budget of new tokens per plan
 gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
-executor_lr = 1e-5        # full-weight RL: at 1e-4 the world executor collapsed (EXPERIMENTS.md)
+executor_lr = 2e-5        # full-weight RL: at 1e-4 the world executor collapsed; 2e-5 and 4e-5 did as well (EXPERIMENTS.md)
 sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
@@ -81,6 +83,8 @@ noise_level = 1.0         # Flow-GRPO's a (the world's SDE; Flow-GRPO uses 0.7, 
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
+w_exec_temporal = 1.0     # the continuation's whole-video temporal score in the executor's reward too: what its
+                          # transition chunk leads to (the paper judges that chunk alone: 0; 1 did better, EXPERIMENTS.md)
 local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
@@ -415,7 +419,8 @@ def instructions_for(step: int) -> list[str]:
     rng = random.Random(seed * 1_000_003 + step * 1009)
     batch = []
     while len(batch) < world_size * instructions:
-        x = world.sample_training_instruction(rng, rng.randint(min_steps, max_steps))
+        n = rng.randint(min_steps, max_steps)
+        x = world.sample_training_instruction(rng, n, need_pair=pair_frac > 0 and rng.random() < pair_frac)
         if x not in batch:
             batch.append(x)
     return batch[rank * instructions:(rank + 1) * instructions]
@@ -837,7 +842,8 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
     local = torch.tensor([scores[r]["local"] for r in rows.tolist()])  # (groups * N,)
     aesthetic = torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()])
-    r_exec = w_local * local + w_aesthetic * aesthetic
+    temporal = torch.tensor([scores[r]["temporal"] for r in rows.tolist()])  # each continuation's own video
+    r_exec = w_local * local + w_aesthetic * aesthetic + w_exec_temporal * temporal
     sync()
     t3, mem["judge"] = time.time(), peak_gb()
 
@@ -864,6 +870,8 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     means = {"r_plan_quality": terms["plan_quality"].mean(), "r_temporal": terms["temporal"].mean(),
              "r_local": local.mean() if len(rows) else torch.tensor(0.0),
              "r_aesthetic": aesthetic.mean() if len(rows) else torch.tensor(0.0),
+             "r_exec_temporal": temporal.mean() if len(rows) else torch.tensor(0.0),  # over the executor's rows
+             "r_exec": r_exec.mean() if len(rows) else torch.tensor(0.0),
              # execution groups whose N continuations tie on the local reward: the aesthetic alone ranks them
              "local_ties": (local.view(-1, N).amax(1) == local.view(-1, N).amin(1)).float().mean() if len(rows) else torch.tensor(0.0),
              "valid_plans": torch.tensor(sum(p is not None for p, _ in parsed) / len(parsed))}
