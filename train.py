@@ -75,7 +75,7 @@ plan_tokens = 256         # the planner's budget of new tokens per plan
 gspo_eps_low, gspo_eps_high = 3e-4, 4e-4
 w_plan_quality, w_temporal = 1.0, 1.0
 # executor (Flow-GRPO)
-executor_lr = 2e-5        # full-weight RL: at 1e-4 the world executor collapsed; 2e-5 and 4e-5 did as well (EXPERIMENTS.md)
+executor_lr = 2e-5        # full-weight RL: at 1e-4 the world executor collapsed; 2e-5 beat 1e-5, 4e-5 did no better (EXPERIMENTS.md)
 sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
