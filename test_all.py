@@ -1514,12 +1514,14 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
                              g["group_advantages"](sign * r, N, std="group"))  # num_minibatches Adam steps
         moved[sign] = proxy(0)[0].mean().item() - before  # the same noise as `before`: only the weights differ
     assert moved[1.0] > moved[-1.0], moved
-    # --pair_frac=1: every training instruction has two objects and a two-object step, as Hard's do
-    instructions_for = g["instructions_for"]
-    instructions_for.__globals__["pair_frac"] = 1.0
-    for x in instructions_for(3):
+    # --pair_frac=1: every training instruction has two objects and a two-object step, as Hard's do (at 0 not all)
+    def hard_like(x):
         objs, steps = world.parse(x)
-        assert len(objs) == 2 and any(s.kind in world.TWO_OBJECT for s in steps), x
+        return len(objs) == 2 and any(s.kind in world.TWO_OBJECT for s in steps)
+    instructions_for = g["instructions_for"]
+    for frac, want in ((0.0, False), (1.0, True)):
+        instructions_for.__globals__["pair_frac"] = frac  # the module's own globals, as --pair_frac sets them
+        assert all(hard_like(x) for step in range(8) for x in instructions_for(step)) == want, frac
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):
