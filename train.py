@@ -420,7 +420,8 @@ def instructions_for(step: int) -> list[str]:
     batch = []
     while len(batch) < world_size * instructions:
         n = rng.randint(min_steps, max_steps)
-        x = world.sample_training_instruction(rng, n, need_pair=pair_frac > 0 and rng.random() < pair_frac)
+        pair = pair_frac > 0 and rng.random() < pair_frac  # no draw at 0: the default's instruction stream stays as it was
+        x = world.sample_training_instruction(rng, n, need_pair=pair)
         if x not in batch:
             batch.append(x)
     return batch[rank * instructions:(rank + 1) * instructions]
@@ -840,9 +841,8 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
                                         rewards.plan_quality(parsed[i][0], batch[i // M], T))
             terms["temporal"][i] = float(np.mean([scores[vi * N + n]["temporal"] for n in range(N)]))
     r_plan = w_plan_quality * terms["plan_quality"] + w_temporal * terms["temporal"]
-    local = torch.tensor([scores[r]["local"] for r in rows.tolist()])  # (groups * N,)
-    aesthetic = torch.tensor([scores[r]["aesthetic"] for r in rows.tolist()])
-    temporal = torch.tensor([scores[r]["temporal"] for r in rows.tolist()])  # each continuation's own video
+    # the executor's rows, each (groups * N,): transition chunk's local and aesthetic scores, its own video's temporal
+    local, aesthetic, temporal = (torch.tensor([scores[r][k] for r in rows.tolist()]) for k in ("local", "aesthetic", "temporal"))
     r_exec = w_local * local + w_aesthetic * aesthetic + w_exec_temporal * temporal
     sync()
     t3, mem["judge"] = time.time(), peak_gb()
@@ -867,11 +867,10 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
 
     # 5. log (rank 0, every term averaged over ranks), checkpoint
     it += 1
+    row_mean = lambda x: x.mean() if len(rows) else torch.tensor(0.0)  # over the executor's rows (0 if none)
     means = {"r_plan_quality": terms["plan_quality"].mean(), "r_temporal": terms["temporal"].mean(),
-             "r_local": local.mean() if len(rows) else torch.tensor(0.0),
-             "r_aesthetic": aesthetic.mean() if len(rows) else torch.tensor(0.0),
-             "r_exec_temporal": temporal.mean() if len(rows) else torch.tensor(0.0),  # over the executor's rows
-             "r_exec": r_exec.mean() if len(rows) else torch.tensor(0.0),
+             "r_local": row_mean(local), "r_aesthetic": row_mean(aesthetic), "r_exec_temporal": row_mean(temporal),
+             "r_exec": row_mean(r_exec),
              # execution groups whose N continuations tie on the local reward: the aesthetic alone ranks them
              "local_ties": (local.view(-1, N).amax(1) == local.view(-1, N).amin(1)).float().mean() if len(rows) else torch.tensor(0.0),
              "valid_plans": torch.tensor(sum(p is not None for p, _ in parsed) / len(parsed))}
