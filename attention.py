@@ -141,7 +141,8 @@ else:
     # warps run two programs per multiprocessor, whose softmax and matmuls overlap.
     _FWD_CONFIGS = [_cfg(128, 128, 2, 4, ws=True), _cfg(64, 64, 3, 4, occ=2), _cfg(64, 64, 2, 4, occ=2),
                     _cfg(128, 64, 3, 8)]
-    _DKDV_CONFIGS = [_cfg(64, 128, 2, 8), _cfg(32, 128, 2, 8), _cfg(64, 64, 2, 4, occ=2)]  # BLOCK_N resident
+    _DKDV_CONFIGS = [_cfg(64, 128, 3, 4, ws=True), _cfg(64, 128, 2, 8), _cfg(32, 128, 2, 8),
+                     _cfg(64, 64, 2, 4, occ=2)]  # BLOCK_N resident
     _DQ_CONFIGS = [_cfg(128, 64, 3, 8), _cfg(128, 64, 2, 8), _cfg(64, 64, 2, 4, occ=2)]  # BLOCK_M resident
 
 # The mask parameters and lengths are in the key: the best tiles depend on how
@@ -179,11 +180,17 @@ def _config_filter(resident_block, resident_len, streamed_block, streamed_len):
             # 8 warps on a 64x64 tile leave each warp too little work
             if res * stream < 128 * 64 and c.num_warps == 8:
                 continue
-            # warp specialization (forward only) splits TMA loads from the
-            # math: needs TMA and the single loop of the unmasked case
-            if c.kwargs["WS"] and (not args["TMA"] or args["chunk"] > 0):
+            # warp specialization splits TMA loads from the math: needs TMA, and
+            # runs one loop masked throughout, whose row mask (_row_hi) holds for
+            # chunks of at least a query tile and no window
+            if c.kwargs["WS"] and (not args["TMA"] or args["window"] > 0 or 0 < args["chunk"] < c.kwargs["BLOCK_M"]):
                 continue
             kept.append(c)
+        # With no mask and a long key loop the warp-specialised tile won every round
+        # measured at Wan's inference shapes (README, kernel notes), and the
+        # autotuner's 100 ms timings sometimes picked a slower one by noise.
+        if args["chunk"] == 0 and args[streamed_len] >= 2048 and any(c.kwargs["WS"] for c in kept):
+            kept = [c for c in kept if c.kwargs["WS"]]
         return kept or [min(configs, key=lambda c: (c.kwargs[resident_block], c.kwargs[streamed_block]))]
 
     return prune
@@ -238,9 +245,33 @@ def _rows(X, start, L, stride, stride_d, offs_r, offs_d, TMA: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(X, x, start, L, stride, stride_d, offs_d,
+                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TMA: tl.constexpr):
+    """Store x (BLOCK, D) as rows [start, start + BLOCK) of the (L, D) matrix at X,
+    rows >= L left out: through a descriptor when TMA (the only way a warp-specialised
+    kernel may address its resident rows, see _row_hi), else through row pointers."""
+    if TMA:
+        _desc(X, L, stride, HEAD_DIM, BLOCK, True).store([start, 0], x.to(X.dtype.element_ty))
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        tl.store(X + rows[:, None] * stride + offs_d[None, :] * stride_d, x.to(X.dtype.element_ty),
+                 mask=rows[:, None] < L)
+
+
+@triton.jit
 def _hi(pos, Lk, chunk):
     """End (exclusive) of the keys a query at `pos` may see with chunk > 0."""
     return tl.minimum((pos // chunk + 1) * chunk, Lk)
+
+
+@triton.jit
+def _row_hi(p0, Lk, chunk, BLOCK: tl.constexpr):
+    """hi(p) of the BLOCK query rows at positions p0, p0 + 1, ... when chunk >= BLOCK:
+    at most one chunk boundary falls inside, so hi takes at most two values. Built
+    from a bare tl.arange: in a warp-specialised loop, Triton 3.6 offsets
+    `start + tl.arange(...)` twice in the second half of a split tile."""
+    first_end = (p0 // chunk + 1) * chunk  # end of the first row's chunk
+    return tl.where(tl.arange(0, BLOCK) < first_end - p0, tl.minimum(first_end, Lk), tl.minimum(first_end + chunk, Lk))
 
 
 @triton.jit
@@ -276,7 +307,7 @@ def _key_ranges(hi_first, hi_last, sink, window, WINDOWED: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
+def _fwd_inner(acc, l_i, m_i, q, K, V, skl, skd, svl, svd, pos, row_hi, offs_n, offs_d,
                lo, hi, Lk, chunk, sink, window, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
                WS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -284,12 +315,16 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, skl, skd, svl, svd, pos, offs_n, offs_d,
     (q.k); the scale (in log2 units) is applied inside the exponent, one FMA.
     Masked scores are -1e30, not -inf: a row that has seen only masked keys so
     far accumulates garbage with m = -1e30 * scale, which the first visible key
-    wipes out (alpha = 0), and every row sees at least one key."""
+    wipes out (alpha = 0), and every row sees at least one key. With WS the
+    rows' key bounds come as row_hi (BM,) instead of their positions."""
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         k = _rows(K, start_n, Lk, skl, skd, offs_n, offs_d, TMA)  # (BN, D)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION, DOT_UPCAST)  # (BM, BN)
         if MASKED:
-            vis = _visible(pos[:, None], (start_n + offs_n)[None, :], Lk, chunk, sink, window, CAUSAL, WINDOWED)
+            if WS:
+                vis = (start_n + offs_n)[None, :] < row_hi[:, None]  # (BM, BN)
+            else:
+                vis = _visible(pos[:, None], (start_n + offs_n)[None, :], Lk, chunk, sink, window, CAUSAL, WINDOWED)
             s = tl.where(vis, s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (BM,) running max, log2 units
         p = tl.math.exp2(s * qk_scale - m_new[:, None])  # (BM, BN)
@@ -378,24 +413,27 @@ def _attn_fwd(Q, K, V, O, LSE, PartAcc, PartML,
     sink_end, win_start, u_lo, u_hi = _key_ranges(hi_first, hi_last, sink, window, WINDOWED, BLOCK_N)
     u_lo = tl.maximum(u_lo, kv_lo)
     u_hi = tl.maximum(u_hi, u_lo)
+    row_hi = tl.full([BLOCK_M], Lk, tl.int32)  # (BM,) keys below it visible, per row (WS only)
     if WS:
         # Triton 3.6 warp-specialises a kernel's only loop, with no branch in
-        # it: one loop over all key tiles, masked throughout (no mask only)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
-                                   kv_lo, kv_hi, Lk, chunk, sink, window, qk_scale,
+        # it: one loop over all key tiles, masked throughout
+        if CAUSAL:
+            row_hi = _row_hi(q_offset + start_m, Lk, chunk, BLOCK_M)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, row_hi, offs_n, offs_d,
+                                   kv_lo, tl.minimum(kv_hi, hi_last), Lk, chunk, sink, window, qk_scale,
                                    True, CAUSAL, WINDOWED, TMA, True, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
     else:
         if WINDOWED:
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, row_hi, offs_n, offs_d,
                                        0, sink_end, Lk, chunk, sink, window, qk_scale,
                                        True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, row_hi, offs_n, offs_d,
                                        win_start, u_lo, Lk, chunk, sink, window, qk_scale,
                                        True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, row_hi, offs_n, offs_d,
                                    u_lo, u_hi, Lk, chunk, sink, window, qk_scale,
                                    False, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, Kd, Vd, skl, skd, svl, svd, pos, row_hi, offs_n, offs_d,
                                    u_hi, hi_last, Lk, chunk, sink, window, qk_scale,
                                    True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
 
@@ -462,9 +500,10 @@ def _attn_fwd_merge(O, LSE, PartAcc, PartML, sob, sol, soh, sod, sls, H, Lq, n_m
 # backward
 
 @triton.jit
-def _attn_bwd_delta(O, DO, Delta, sob, sol, soh, sod, sdb, sdl, sdh, sdd, H, Lq,
+def _attn_bwd_delta(O, DO, Delta, sob, sol, soh, sod, sdb, sdl, sdh, sdd, sls, H, Lq,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O), the softmax-backward correction term. (B, H, Lq) fp32."""
+    """delta = rowsum(dO * O), the softmax-backward correction term. (B, H, Lq) fp32,
+    rows sls apart (the LSE's padded layout)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -475,25 +514,32 @@ def _attn_bwd_delta(O, DO, Delta, sob, sol, soh, sod, sdb, sdl, sdh, sdd, H, Lq,
                 mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BM, D)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :] * sdd,
                  mask=row_ok[:, None], other=0.0).to(tl.float32)  # (BM, D)
-    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    tl.store(Delta + bh.to(tl.int64) * sls + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
                 lo, hi, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, TMA: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                WS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dK (unscaled) and dV over the query tiles starting in [lo, hi).
     Query rows past Lq have lse = +inf, so their probabilities are exactly 0."""
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WS):
         offs_m = start_m + offs_m0  # (BM,)
         q = _rows(Qd, start_m, Lq, sql, sqd, offs_m0, offs_d, TMA)  # (BM, D)
         do = _rows(DOd, start_m, Lq, sdl, sdd, offs_m0, offs_d, TMA)  # (BM, D)
-        lse2 = tl.load(LSE + offs_m, mask=offs_m < Lq, other=float("inf")) * _LOG2E  # (BM,)
-        delta = tl.load(Delta + offs_m, mask=offs_m < Lq, other=0.0)  # (BM,)
+        if WS:  # LSE and Delta are 1-D descriptors: no row index in the loop but the scalar start_m
+            lse2 = LSE.load([start_m]) * _LOG2E  # (BM,) rows past Lq read 0; their q and dO rows are 0 too
+            delta = Delta.load([start_m])  # (BM,)
+        else:
+            lse2 = tl.load(LSE + offs_m, mask=offs_m < Lq, other=float("inf")) * _LOG2E  # (BM,)
+            delta = tl.load(Delta + offs_m, mask=offs_m < Lq, other=0.0)  # (BM,)
         sT = _dot(k, tl.trans(q), None, DOT_PRECISION, DOT_UPCAST)  # (BN, BM) raw scores
-        if MASKED:
+        if MASKED and WS:  # rows and keys from bare tl.aranges (see _row_hi); causal, no window
+            hi_m = _row_hi(q_offset + start_m, Lk, chunk, BLOCK_M)  # (BM,)
+            sT = tl.where(tl.arange(0, BLOCK_N)[:, None] < (hi_m - start_n)[None, :], sT, float("-inf"))
+        elif MASKED:
             needs = True
             if WINDOWED:  # windows leave interior tiles unmasked: check per tile
                 hi_first = _hi(q_offset + start_m, Lk, chunk)
@@ -531,10 +577,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
     h = (bh % H).to(tl.int64)
     Qd = _desc(Q + b * sqb + h * sqh, Lq, sql, HEAD_DIM, BLOCK_M, TMA)
     DOd = _desc(DO + b * sdb + h * sdh, Lq, sdl, HEAD_DIM, BLOCK_M, TMA)
-    DK += b * sgb + h * sgh
-    DV += b * sgb + h * sgh
     LSE += bh.to(tl.int64) * sls
-    Delta += bh.to(tl.int64) * Lq
+    Delta += bh.to(tl.int64) * sls
 
     offs_n = start_n + tl.arange(0, BLOCK_N)  # (BN,) key rows
     offs_m0 = tl.arange(0, BLOCK_M)  # (BM,)
@@ -565,17 +609,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV,
             bounded = (start_n >= sink) & (n_last + window < Lk)
             m_hi = tl.where(bounded, tl.minimum(win_hi, Lq), Lq)
             m_full = m_hi  # all masked, tile by tile
-    dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
-                         m_lo, m_full, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
-                         True, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
-                         m_full, m_hi, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
-                         False, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
+    if WS:  # one loop, masked throughout where causal (Triton 3.6 specialises a kernel's only loop)
+        LSEd = tl.make_tensor_descriptor(LSE, shape=[Lq], strides=[1], block_shape=[BLOCK_M])
+        Dd = tl.make_tensor_descriptor(Delta, shape=[Lq], strides=[1], block_shape=[BLOCK_M])
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSEd, Dd, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
+                             m_lo, m_hi, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
+                             CAUSAL, CAUSAL, WINDOWED, TMA, True, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
+    else:
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
+                             m_lo, m_full, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
+                             True, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, offs_m0, offs_d,
+                             m_full, m_hi, Lq, Lk, q_offset, chunk, sink, window, qk_scale, start_n,
+                             False, CAUSAL, WINDOWED, TMA, False, DOT_PRECISION, DOT_UPCAST, BLOCK_M, BLOCK_N)
 
     dk *= scale  # scores are scale * q.k
-    key_ok = offs_n[:, None] < Lk
-    tl.store(DK + offs_n[:, None] * sgl + offs_d[None, :] * sgd, dk.to(DK.dtype.element_ty), mask=key_ok)
-    tl.store(DV + offs_n[:, None] * sgl + offs_d[None, :] * sgd, dv.to(DV.dtype.element_ty), mask=key_ok)
+    _store_rows(DK + b * sgb + h * sgh, dk, start_n, Lk, sgl, sgd, offs_d, HEAD_DIM, BLOCK_N, WS)
+    _store_rows(DV + b * sgb + h * sgh, dv, start_n, Lk, sgl, sgd, offs_d, HEAD_DIM, BLOCK_N, WS)
 
 
 @triton.jit
@@ -621,7 +671,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
     Vd = _desc(V + b * svb + h * svh, Lk, svl, HEAD_DIM, BLOCK_N, TMA)
     DQ += b * sgb + h * sgh
     LSE += bh.to(tl.int64) * sls
-    Delta += bh.to(tl.int64) * Lq
+    Delta += bh.to(tl.int64) * sls
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BN,)
@@ -742,8 +792,9 @@ def _flash_backward(do, q, k, v, o, lse, q_offset, chunk, sink, window, scale):
     dq = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)  # (B, Lq, H, D)
     dk = torch.empty((B, Lk, H, D), dtype=k.dtype, device=k.device)  # (B, Lk, H, D)
     dv = torch.empty((B, Lk, H, D), dtype=v.dtype, device=v.device)  # (B, Lk, H, D)
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)  # (B, H, Lq)
-    _attn_bwd_delta[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), H, Lq,
+    delta = _lse_buffer(q)  # (B, H, Lq), rows lse.stride(1) apart as the LSE's (16-byte aligned for TMA)
+    assert delta.stride() == lse.stride(), (delta.stride(), lse.stride())
+    _attn_bwd_delta[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *o.stride(), *do.stride(), lse.stride(1), H, Lq,
                                                   HEAD_DIM=D, BLOCK_M=64)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     mask_args = (H, Lq, Lk, q_offset, chunk, sink, window, scale * math.log2(math.e), scale)

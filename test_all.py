@@ -70,6 +70,7 @@ CASES = {
     "sink_window_kv_cache": (2, 1, 20, 90, 32, 70, 10, 10, 25),
     "window_no_sink": (1, 2, 64, 64, 16, 0, 16, 0, 32),
     "copies": (2, 2, 117, 117, 16, 0, 13, 39, 13),  # the RL update: 3 context chunks, then 6 copies of one chunk
+    "long_chunks_kv_cache": (1, 2, 70, 101, 16, 31, 40, 0, 0),  # chunk >= BLOCK_M: the warp-specialised mask
 }
 
 
@@ -91,22 +92,27 @@ def test_kernel_matches_reference_fp32(name):
         assert grads[1][:, 40:].abs().max() == 0 and grads[2][:, 40:].abs().max() == 0
 
 
-@pytest.mark.parametrize("variant", ["pointer_loads", "split_kv", "warp_specialized_epilogue"])
-@pytest.mark.parametrize("name", ["full", "kv_cache_full", "block_causal", "sink_window_kv_cache"])
+@pytest.mark.parametrize("variant", ["pointer_loads", "split_kv", "warp_specialized"])
+@pytest.mark.parametrize("name", ["full", "kv_cache_full", "block_causal", "sink_window_kv_cache", "long_chunks_kv_cache"])
 def test_kernel_variants_match_reference(name, variant, monkeypatch):
     """The paths the GPU takes for other shapes and tunings: plain pointer loads
     instead of tensor descriptors, split-KV pieces of the last wave merged by a
-    second kernel (no mask only), and the warp-specialised forward's epilogue
-    (the interpreter runs its code without the specialisation)."""
+    second kernel (no mask only), and the warp-specialised forward's and dK/dV kernel's single loops,
+    row masks and descriptor stores (the interpreter runs their code without the
+    specialisation) wherever the config filter allows them: no window, and no
+    chunk shorter than a query tile."""
     if variant == "pointer_loads":
         monkeypatch.setattr(A, "_tma_ok", lambda *t: False)
     elif variant == "split_kv":  # waves that leave 2 of 8 / 4 of 4 tiles over, cut in 3 / 2 pieces
         monkeypatch.setattr(A, "WAVE_PROGRAMS", {"full": 6, "kv_cache_full": 8}.get(name, 3))
         if name in ("full", "kv_cache_full"):
             assert A._split_plan_host(8 if name == "full" else 4, 4, A.WAVE_PROGRAMS) in ((6, 3), (0, 2))
-    else:
-        monkeypatch.setattr(A._attn_fwd, "configs", [A._cfg(32, 16, 1, 1, ws=name in ("full", "kv_cache_full"))])
     B, H, Lq, Lk, D, q_offset, chunk, sink, window = CASES[name]
+    if variant == "warp_specialized":
+        ws = window == 0 and (chunk == 0 or chunk >= 32)
+        assert ws == (name in ("full", "kv_cache_full", "long_chunks_kv_cache"))
+        for kernel in (A._attn_fwd, A._attn_bwd_dkdv):  # dQ has no warp-specialised variant
+            monkeypatch.setattr(kernel, "configs", [A._cfg(32, 16, 1, 1, ws=ws)])
     seed = 200 + list(CASES).index(name)
     torch.manual_seed(seed)
     q, k, v = _rand(B, Lq, H, D), _rand(B, Lk, H, D), _rand(B, Lk, H, D)
