@@ -114,7 +114,8 @@ def bench_kernel():
     rows = {}
     # (name, Lq, Lk, q_offset, chunk, sink, window, backward)
     shapes = [(f"chunk vs {n}-frame cache", c * S, n * S, (n - c) * S, 0, 0, 0, False) for n in (3, 12, 21)]
-    shapes += [("LongLive sink+window (12 fr)", c * S, 12 * S, 9 * S, 0, 0, 0, False)]
+    shapes += [("LongLive sink+window (12 fr)", c * S, 12 * S, 9 * S, 0, 0, 0, False),
+               ("cross-attn, 512 text keys", c * S, 512, 0, 0, 0, 0, False)]
     shapes += [("block-causal 21 fr fwd", 21 * S, 21 * S, 0, chunk, 0, 0, False),
                ("block-causal 21 fr fwd+bwd", 21 * S, 21 * S, 0, chunk, 0, 0, True)]
     for name, Lq, Lk, q_off, ch, sink, window, bwd in shapes:
