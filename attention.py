@@ -524,7 +524,8 @@ def _dkdv_inner(dk, dv, k, v, Qd, DOd, LSE, Delta, sql, sqd, sdl, sdd, offs_n, o
                 WS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dK (unscaled) and dV over the query tiles starting in [lo, hi).
-    Query rows past Lq have lse = +inf, so their probabilities are exactly 0."""
+    Query rows past Lq add nothing: their lse is +inf (probabilities 0), or with WS
+    their q and dO rows load as zeros (dS = 0 and dO = 0)."""
     for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=WS):
         offs_m = start_m + offs_m0  # (BM,)
         q = _rows(Qd, start_m, Lq, sql, sqd, offs_m0, offs_d, TMA)  # (BM, D)
