@@ -79,6 +79,11 @@ def attention_mask(Lq, Lk, *, q_offset=0, chunk=0, sink=0, window=0, device=None
     return mask
 
 
+def _hi_host(pos, Lk, chunk):
+    """_hi on the host: end (exclusive) of the keys a query at `pos` may see with chunk > 0."""
+    return min((pos // chunk + 1) * chunk, Lk)
+
+
 def visible_pairs(Lq, Lk, q_offset=0, chunk=0, sink=0, window=0) -> int:
     """Number of True entries of attention_mask(...), without building it."""
     _check_mask_args(q_offset, chunk, sink, window)
@@ -90,7 +95,7 @@ def visible_pairs(Lq, Lk, q_offset=0, chunk=0, sink=0, window=0) -> int:
     total = 0
     for c in range(first // chunk, last // chunk + 1):  # hi(p) is constant within a query chunk
         rows = min(last, (c + 1) * chunk - 1) - max(first, c * chunk) + 1
-        hi = min(Lk, (c + 1) * chunk)
+        hi = _hi_host(c * chunk, Lk, chunk)
         if window > 0:  # the window [hi - window, hi), plus the sink keys left of it
             per_row = min(window, hi) + min(sink, max(hi - window, 0))
         else:
@@ -906,6 +911,10 @@ def attention(q, k, v, *, q_offset: int = 0, chunk: int = 0, sink: int = 0, wind
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"batch, heads and head dim of q {q.shape} and k {k.shape} differ")
     _check_mask_args(q_offset, chunk, sink, window)
+    if chunk > 0 and (window == 0 or window >= k.shape[1]) and _hi_host(q_offset, k.shape[1], chunk) == k.shape[1]:
+        # the first query's chunk already ends at the last key (a streamed chunk against its cache):
+        # the mask hides nothing, and the unmasked kernel balances its last wave (split-KV)
+        q_offset = chunk = sink = window = 0
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     choice = BACKEND if backend == "auto" else backend
     if choice not in ("auto", "triton", "torch"):

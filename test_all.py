@@ -140,6 +140,27 @@ def test_split_plan_fills_one_wave():
     assert A._split_plan_host(444, 37, 132) == (396, 2)  # Wan chunk: 48 left-over tiles in halves
 
 
+def test_mask_that_hides_nothing_takes_the_unmasked_kernel(monkeypatch):
+    """A streamed chunk against its cache is passed chunk > 0, but when the first query's chunk ends
+    at the last key every key is visible: the kernel then runs unmasked (split-KV balances its last
+    wave). A mask that hides something keeps its arguments. Outputs match the reference either way."""
+    seen = []
+    real = A._flash_forward
+    monkeypatch.setattr(A, "_flash_forward", lambda q, k, v, *mask_and_scale: (
+        seen.append(mask_and_scale[:4]), real(q, k, v, *mask_and_scale))[1])
+    torch.manual_seed(21)
+    B, H, Lq, Lk, D = 1, 2, 24, 75, 16
+    q, k, v = _rand(B, Lq, H, D), _rand(B, Lk, H, D), _rand(B, Lk, H, D)
+    for kw, unmasked in [(dict(q_offset=51, chunk=25), True), (dict(q_offset=51, chunk=25, sink=5, window=80), True),
+                         (dict(q_offset=51, chunk=24), False), (dict(q_offset=51, chunk=25, sink=5, window=30), False)]:
+        kw = dict(dict(sink=0, window=0), **kw)
+        seen.clear()
+        out, grads, ref, ref_grads = _kernel_and_reference(q, k, v, kw, seed=22)
+        assert seen == [(0, 0, 0, 0) if unmasked else (kw["q_offset"], kw["chunk"], kw["sink"], kw["window"])], kw
+        assert (A.visible_pairs(Lq, Lk, **kw) == Lq * Lk) == unmasked
+        assert _max_err(out, ref) <= 1e-5 and all(_max_err(g, rg) <= 1e-5 for g, rg in zip(grads, ref_grads))
+
+
 def test_log_sum_exp_of_forward():
     torch.manual_seed(7)
     B, H, Lq, Lk, D = 1, 2, 30, 61, 16
