@@ -712,8 +712,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ,
                    u_hi, hi_last, Lk, chunk, sink, window, qk_scale,
                    True, CAUSAL, WINDOWED, TMA, DOT_PRECISION, DOT_UPCAST, BLOCK_N)
 
-    dq *= scale
-    tl.store(DQ + offs_m[:, None] * sgl + offs_d[None, :] * sgd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store_rows(DQ, dq * scale, start_m, Lq, sgl, sgd, offs_d, HEAD_DIM, BLOCK_M, False)
 
 
 # -----------------------------------------------------------------------------
