@@ -1541,6 +1541,20 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
                              g["group_advantages"](sign * r, N, std="group"))  # num_minibatches Adam steps
         moved[sign] = proxy(0)[0].mean().item() - before  # the same noise as `before`: only the weights differ
     assert moved[1.0] > moved[-1.0], moved
+    # the noise an execution group shares: always its context; with transition_noise / later_noise also the
+    # transition chunk's start noise / the chunks after it. A near-zero SDE width leaves the shared noise as the
+    # only thing that can make a group's rows equal, so every chunk of a row is compared with its group's first row
+    glb = g["instructions_for"].__globals__  # the module's own globals (rollout's are torch.no_grad's wrapper's)
+    glb["noise_level"] = 1e-6
+    for trans, later in (("own", "own"), ("shared", "own"), ("shared", "shared")):
+        glb["transition_noise"], glb["later_noise"] = trans, later
+        lat, switch = g["rollout"](plans[:4], torch.Generator().manual_seed(7))[:2]
+        for r in range(len(lat)):
+            sw, first = int(switch[r]), lat[r - r % N]
+            diff = [(lat[r, j * C:(j + 1) * C] - first[j * C:(j + 1) * C]).abs().max().item() for j in range(len(lat[r]) // C)]
+            want_same = [sw < 0 or j < sw or (j == sw and trans == "shared") or (j > sw and later == "shared")
+                         for j in range(len(diff))]
+            assert all((d < 1e-3) == same for d, same in zip(diff, want_same) if r % N), (trans, later, r, sw, diff)
     # --pair_frac=1: every training instruction has two objects and a two-object step, as Hard's do (at 0 not all)
     def hard_like(x):
         objs, steps = world.parse(x)

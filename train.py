@@ -68,6 +68,8 @@ train_executor = True
 smoothing = "none"        # prompt smoothing at span ends: ramp (the paper's) | none (did better on the world, EXPERIMENTS.md)
 flat_groups = False       # ablation: no shared context, every continuation its own rollout
 transition_noise = "own"  # the transition chunk's start noise in an execution group: shared | own (see rollout)
+later_noise = "own"       # the noise of the chunks after it: shared | own. Both shared: a group's continuations differ
+                          # only by the policy's recorded steps (common random numbers, see rollout)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
@@ -163,7 +165,7 @@ fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothing", ("ramp", "none")),
-                      ("transition_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
+                      ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
                       ("adv_std", ("group", "batch", "none"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
@@ -515,8 +517,10 @@ def rollout(plans: list, g: torch.Generator):
             # a group shares its plan's noise up to the switch. With transition_noise="shared" the transition
             # chunk also starts from one noise, so its N continuations differ only by the recorded SDE steps: the
             # group mean is then the value of the state those steps act from, and the start noise (no action of
-            # the policy) adds nothing to the advantages' variance. On the world it gave no gain (EXPERIMENTS.md)
-            together = (sw < 0) | (j < sw) | ((j == sw) & (transition_noise == "shared"))
+            # the policy) adds nothing to the advantages' variance. On the world it gave no gain (EXPERIMENTS.md).
+            # later_noise="shared" does the same for the chunks after it, which the whole-video terms see
+            together = ((sw < 0) | (j < sw) | ((j == sw) & (transition_noise == "shared"))
+                        | ((j > sw) & (later_noise == "shared")))
             noise = own[rows, j] if flat_groups else torch.where(together[:, None, None, None, None, None],
                                                                  shared[rows, j], own[rows, j])  # (B, draws, C, c, h, w)
             x = noise[:, 0]
