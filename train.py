@@ -517,8 +517,8 @@ def rollout(plans: list, g: torch.Generator):
             # a group shares its plan's noise up to the switch. With transition_noise="shared" the transition
             # chunk also starts from one noise, so its N continuations differ only by the recorded SDE steps: the
             # group mean is then the value of the state those steps act from, and the start noise (no action of
-            # the policy) adds nothing to the advantages' variance. On the world it gave no gain (EXPERIMENTS.md).
-            # later_noise="shared" does the same for the chunks after it, which the whole-video terms see
+            # the policy) adds nothing to the advantages' variance. later_noise="shared" does the same for the chunks
+            # after it, which the whole-video terms see. On the world neither gained, alone or together (EXPERIMENTS.md)
             together = ((sw < 0) | (j < sw) | ((j == sw) & (transition_noise == "shared"))
                         | ((j > sw) & (later_noise == "shared")))
             noise = own[rows, j] if flat_groups else torch.where(together[:, None, None, None, None, None],
