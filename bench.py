@@ -39,6 +39,7 @@ sample_steps = 10         # the world executor's Euler steps per chunk
 smoothing = "none"                    # prompt smoothing for rows without a train.py config.json: none | ramp
 seed = 0                              # generation seed (the benchmark sets themselves are fixed data) ...
 eval_seeds = 1                        # ... and how many seeds from it each row is averaged over (seed, seed+1, ...)
+max_items = 0                         # the first this many items of each set (0: all 100; fewer only for smoke tests)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # scaling (train.py on the world, weak scaling: every rank its own `instructions`)
 gpus = "1,2,4"            # process counts to run
@@ -272,19 +273,24 @@ def bench_quality():
 
     A row is `kind` or `kind@dir`: kind global (one prompt), planner (the planner's greedy plans as
     step prompts) or gt (ground-truth plans); models from `checkpoints`, or from a train.py out_dir
-    (its smoothing setting comes from its config.json). Gains are relative to the `planner` row."""
+    (its smoothing setting comes from its config.json). `planner@P+E` plans with P's planner and
+    films with E's executor, which tells a TempAct run's two models' shares of its gain apart.
+    Gains are relative to the `planner` row."""
     if eval_seeds < 1:
         die(f"--eval_seeds must be at least 1, got {eval_seeds}")
+    if max_items < 0:
+        die(f"--max_items must be 0 (all) or more, got {max_items}")
     import world
     from sample import generate, load_world
-    sets = {name: world.benchmark(name) for name in ("simple", "hard")}
+    sets = {name: world.benchmark(name)[:max_items or None] for name in ("simple", "hard")}
     table, extra, loaded = {}, {}, {}
     for row in rows.split(","):
         kind, _, where = row.partition("@")
-        where = where or checkpoints
-        if where not in loaded:
-            loaded[where] = load_world(where, device)
-        models = loaded[where]
+        plan_from, _, where = (where or checkpoints).partition("+")
+        where = where or plan_from  # the executor's (and text encoder's) folder
+        for w in {plan_from, where} - set(loaded):
+            loaded[w] = load_world(w, device)
+        models = {**loaded[where], "planner": loaded[plan_from]["planner"]}
         conf = os.path.join(where, "config.json")
         smooth = json.load(open(conf)).get("smoothing", smoothing) if os.path.exists(conf) else smoothing
         t0 = time.time()

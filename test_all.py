@@ -1329,6 +1329,7 @@ def test_pickscore_and_mix():
 
 import subprocess
 import sys
+import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -1482,6 +1483,39 @@ def test_train_two_iterations_and_resume(tmp_path):
 def test_bench_quality_refuses_no_seeds():
     r = _run("bench.py", "--quality", "--eval_seeds=0")
     assert r.returncode == 2 and r.stderr.strip() == "error: --eval_seeds must be at least 1, got 0", r.stderr
+
+
+def test_bench_quality_mixes_planner_and_executor(tmp_path):
+    # `planner@P+E` plans with P's planner and films with E's executor. X: a world folder whose executor is
+    # all zeros (its videos stay noise) and whose planner's weights are drowned in noise (it writes no plan)
+    from safetensors.torch import load_file, save_file
+    x = tmp_path / "X"
+    shutil.copytree(os.path.join(ROOT, "checkpoints", "world_planner"), x / "world_planner")
+    shutil.copy(os.path.join(ROOT, "checkpoints", "world_text_encoder.safetensors"), x)
+    sd, meta = M.read_state_dict(os.path.join(ROOT, "checkpoints", "world_executor.safetensors"))
+    M.save_safetensors({k: torch.zeros_like(v) for k, v in sd.items()}, str(x / "world_executor.safetensors"), meta)
+    p = str(x / "world_planner" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({k: v + torch.randn(v.shape, generator=g).to(v.dtype) for k, v in load_file(p).items()}, p,
+              metadata={"format": "pt"})
+    base, plan_x, film_x = "checkpoints", f"{x}+checkpoints", f"checkpoints+{x}"
+    r = _run("bench.py", "--quality", "--device=cpu", "--max_items=2", f"--rows=planner,planner@{plan_x},planner@{film_x}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.splitlines()
+
+    def cells(where):  # Simple, Hard, Simple*, Hard*, avg, [gain,] aesthetic, plan quality
+        label = "step prompts (planner)" + (f" [{where}]" if where != base else "")
+        line = next(ln for ln in out if ln.startswith(label) and ln[len(label)] == " ")
+        return [float(c.rstrip("%")) for c in line[len(label):].split()]
+
+    def valid(row):
+        return [float(ln.rsplit(" ", 1)[1]) for ln in out if ln.startswith(f"{row}: valid plans")]
+
+    b, px, fx = cells(base), cells(plan_x), cells(film_x)
+    assert "2/2 items" in r.stdout and b[4] > 0, r.stdout
+    assert valid(f"planner@{film_x}") == valid("planner") == [1.0, 1.0] and fx[-1] == b[-1]  # the base planner's plans
+    assert max(valid(f"planner@{plan_x}")) < 1.0 and px[-1] < b[-1]  # X's planner's
+    assert fx[:5] == [0.0] * 5 and fx[-2] != b[-2]  # X's executor's noise
 
 
 def test_train_refuses_unknown_choices(tmp_path):
