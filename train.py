@@ -81,12 +81,12 @@ executor_lr = 2e-5        # full-weight RL: at 1e-4 the world executor collapsed
 sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
-noise_level = 1.0         # Flow-GRPO's a (the world's SDE; Flow-GRPO uses 0.7, 1.0 did better here, EXPERIMENTS.md)
+noise_level = 1.0         # Flow-GRPO's a (the world's SDE; Flow-GRPO uses 0.7, 1.0 did better here on two bases, EXPERIMENTS.md)
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
 w_exec_temporal = 1.0     # the continuation's whole-video temporal score in the executor's reward too: what its
-                          # transition chunk leads to (the paper judges that chunk alone: 0; 1 did better, EXPERIMENTS.md)
+                          # transition chunk leads to (the paper judges that chunk alone: 0; 1 did better, 3 no better, EXPERIMENTS.md)
 local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
