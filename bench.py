@@ -286,12 +286,14 @@ def bench_quality():
     table, extra, loaded = {}, {}, {}
     for row in rows.split(","):
         kind, _, where = row.partition("@")
-        plan_from, _, where = (where or checkpoints).partition("+")
-        where = where or plan_from  # the executor's (and text encoder's) folder
-        for w in {plan_from, where} - set(loaded):
+        plan_from, plus, film_from = (where or checkpoints).partition("+")
+        if plus and kind != "planner":
+            die(f"row '{row}': only planner rows take two folders (P+E)")
+        film_from = film_from or plan_from  # the executor's (and text encoder's) folder
+        for w in {plan_from, film_from} - set(loaded):
             loaded[w] = load_world(w, device)
-        models = {**loaded[where], "planner": loaded[plan_from]["planner"]}
-        conf = os.path.join(where, "config.json")
+        models = {**loaded[film_from], "planner": loaded[plan_from]["planner"]}
+        conf = os.path.join(film_from, "config.json")
         smooth = json.load(open(conf)).get("smoothing", smoothing) if os.path.exists(conf) else smoothing
         t0 = time.time()
         res = {}

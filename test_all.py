@@ -1327,9 +1327,9 @@ def test_pickscore_and_mix():
 # -----------------------------------------------------------------------------
 # sample.py and pretrain.py: the shipped world models, and what bad input gets
 
+import shutil
 import subprocess
 import sys
-import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -1487,7 +1487,7 @@ def test_bench_quality_refuses_no_seeds():
 
 def test_bench_quality_mixes_planner_and_executor(tmp_path):
     # `planner@P+E` plans with P's planner and films with E's executor. X: a world folder whose executor is
-    # all zeros (its videos stay noise) and whose planner's weights are drowned in noise (it writes no plan)
+    # all zeros (its videos stay noise) and whose planner's weights are drowned in noise (it writes broken plans)
     from safetensors.torch import load_file, save_file
     x = tmp_path / "X"
     shutil.copytree(os.path.join(ROOT, "checkpoints", "world_planner"), x / "world_planner")
@@ -1504,9 +1504,8 @@ def test_bench_quality_mixes_planner_and_executor(tmp_path):
     out = r.stdout.splitlines()
 
     def cells(where):  # Simple, Hard, Simple*, Hard*, avg, [gain,] aesthetic, plan quality
-        label = "step prompts (planner)" + (f" [{where}]" if where != base else "")
-        line = next(ln for ln in out if ln.startswith(label) and ln[len(label)] == " ")
-        return [float(c.rstrip("%")) for c in line[len(label):].split()]
+        label = f"{'step prompts (planner)' + (f' [{where}]' if where != base else ''):42s} "  # as bench pads it
+        return [float(c.rstrip("%")) for c in next(ln for ln in out if ln.startswith(label))[len(label):].split()]
 
     def valid(row):
         return [float(ln.rsplit(" ", 1)[1]) for ln in out if ln.startswith(f"{row}: valid plans")]
@@ -1516,6 +1515,8 @@ def test_bench_quality_mixes_planner_and_executor(tmp_path):
     assert valid(f"planner@{film_x}") == valid("planner") == [1.0, 1.0] and fx[-1] == b[-1]  # the base planner's plans
     assert max(valid(f"planner@{plan_x}")) < 1.0 and px[-1] < b[-1]  # X's planner's
     assert fx[:5] == [0.0] * 5 and fx[-2] != b[-2]  # X's executor's noise
+    r = _run("bench.py", "--quality", "--device=cpu", f"--rows=gt@{film_x}")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: row 'gt@{film_x}': only planner rows take two folders (P+E)", r.stderr
 
 
 def test_train_refuses_unknown_choices(tmp_path):
