@@ -125,6 +125,8 @@ rollout_rows = 0          # rows streamed (and VAE-decoded) together; 0 = all
 micro_batch = 0           # executor update: rows per forward/backward; 0 = a whole minibatch
 grad_ckpt = False         # recompute activations in the backward (executor blocks, planner layers)
 sdpa = False              # attention through torch's SDPA instead of our Triton kernel (model.SDPA)
+fuse_rollouts = True      # CUDA: the rollout's float32 norms and modulations torch.compile'd (model.COMPILE). They, not
+                          # the matmuls, bound a world rollout; re-scoring and the update stay eager, so the first ratio is 1
 offload = False           # frozen models wait in host memory and visit the GPU for their phase only
 random_weights = False    # benchmarks: every model built at full size with random weights, nothing read
 planner_layers = 36       # random_weights: the Qwen3-8B-shaped planner's depth
@@ -172,7 +174,7 @@ for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothin
 # resuming: out_dir's run must be this one. Only how long and how it runs may change: a run that
 # switched settings halfway is no run anyone can reproduce (and AdamW's saved lr would override a new one)
 RESUME_FREE = {"max_iters", "max_minutes", "ckpt_every", "save_checkpoints", "out_dir", "device", "rollout_rows",
-               "micro_batch", "grad_ckpt", "sdpa", "offload", "warmup", "planner_shard"}
+               "micro_batch", "grad_ckpt", "sdpa", "offload", "warmup", "planner_shard", "fuse_rollouts"}
 saved_config = os.path.join(out_dir, "config.json")  # state.pt holds it too, but is read after the models load
 if os.path.exists(os.path.join(out_dir, "state.pt")) and os.path.exists(saved_config):
     try:
@@ -501,6 +503,7 @@ def rollout(plans: list, g: torch.Generator):
     x_nexts, logp_old = torch.zeros_like(xs), torch.zeros(R, K, device=device)
     ph, pw = executor.cfg.patch_size[1:]
     executor.eval()
+    Mod.COMPILE = fuse_rollouts  # only CUDA tensors take the compiled path
     for r0 in range(0, R, rollout_rows or R):
         rows = slice(r0, min(R, r0 + (rollout_rows or R)))
         B, sw = rows.stop - rows.start, switch[rows].to(device)
@@ -540,6 +543,7 @@ def rollout(plans: list, g: torch.Generator):
                 executor(x, torch.zeros(B, C, device=device), cj, cache=cache, start_frame=j * C)
             lat[rows, j * C:(j + 1) * C] = x
         del cache
+    Mod.COMPILE = False
     return lat, switch, ctx, xs, x_nexts, logp_old
 
 
