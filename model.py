@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -153,6 +154,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # -----------------------------------------------------------------------------
 # the elementwise parts of a block, in float32 as Wan computes them: in eager mode each is several full
 # passes over a (tokens, 1536) tensor; compiled (COMPILE, CUDA inference), one kernel each
+
+
+@contextmanager
+def compiled(on: bool = True):
+    """COMPILE set to `on` inside this block only, and restored after it, an error included."""
+    global COMPILE
+    was, COMPILE = COMPILE, on
+    try:
+        yield
+    finally:
+        COMPILE = was
 
 
 def fusable(fn):

@@ -403,6 +403,24 @@ def test_compile_traces_the_kernel_inside_its_graph():
         assert torch.equal(a, b)
 
 
+def test_compiled_scope_restores_the_flag():
+    # train.py fuses the rollout only (model.compiled): re-scoring right after must run eager, or the update's
+    # first ratio is no longer 1. The flag comes back after the block, an error inside it included
+    assert not M.COMPILE
+    with M.compiled():
+        assert M.COMPILE
+        with M.compiled(False):
+            assert not M.COMPILE
+        assert M.COMPILE
+    with pytest.raises(ValueError), M.compiled():
+        raise ValueError("a failed rollout")
+    assert not M.COMPILE
+    # CPU tensors take the eager path even inside the block: the same numbers, nothing compiled
+    x, shift, scale = torch.randn(2, 6, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.no_grad(), M.compiled():
+        assert torch.equal(M.adaln(x, shift, scale, 1e-6, torch.float32), M.adaln.__wrapped__(x, shift, scale, 1e-6, torch.float32))
+
+
 @pytest.mark.parametrize("abs_pos", [False, True])
 def test_copies_equal_separate_forwards(abs_pos):
     # train.py's update: context + K versions of one chunk in one forward == K forwards of context + version,

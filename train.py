@@ -503,7 +503,6 @@ def rollout(plans: list, g: torch.Generator):
     x_nexts, logp_old = torch.zeros_like(xs), torch.zeros(R, K, device=device)
     ph, pw = executor.cfg.patch_size[1:]
     executor.eval()
-    Mod.COMPILE = fuse_rollouts  # only CUDA tensors take the compiled path
     for r0 in range(0, R, rollout_rows or R):
         rows = slice(r0, min(R, r0 + (rollout_rows or R)))
         B, sw = rows.stop - rows.start, switch[rows].to(device)
@@ -543,7 +542,6 @@ def rollout(plans: list, g: torch.Generator):
                 executor(x, torch.zeros(B, C, device=device), cj, cache=cache, start_frame=j * C)
             lat[rows, j * C:(j + 1) * C] = x
         del cache
-    Mod.COMPILE = False
     return lat, switch, ctx, xs, x_nexts, logp_old
 
 
@@ -813,7 +811,8 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
     # 2. the execution groups: N continuations of every plan
     plans = [run[i] for i in valid]
     if plans:
-        lat, switch, ctx, xs, x_nexts, logp_rollout = rollout(plans, g)
+        with Mod.compiled(fuse_rollouts):  # the streaming only (CUDA): re-scoring and the update run eager
+            lat, switch, ctx, xs, x_nexts, logp_rollout = rollout(plans, g)
     sync()
     t2, mem["rollout"] = time.time(), peak_gb()
 
