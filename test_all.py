@@ -1541,7 +1541,9 @@ def test_train_refuses_unknown_choices(tmp_path):
     # a mistyped option gets one clear line before anything is loaded or written, not a traceback mid-run
     for flag, line in (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
                        ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'"),
-                       ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1")):
+                       ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
+                       ("--policy_steps=5", "error: policy_steps must be at most 1 (every step of a chunk but the last), not 5"),
+                       ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2")):
         r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", flag)
         assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
         assert not os.path.exists(tmp_path / "x")
@@ -1618,6 +1620,39 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
     for frac, want in ((0.0, False), (1.0, True)):
         instructions_for.__globals__["pair_frac"] = frac  # the module's own globals, as --pair_frac sets them
         assert all(hard_like(x) for step in range(8) for x in instructions_for(step)) == want, frac
+
+
+def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch):
+    """--policy_chunks=0 --policy_steps=1: the first step of every chunk from the transition chunk to the end
+    of the video is the policy's. Each recorded step sits in its own chunk's slot: the update's full forward
+    (chunk_steps, one per chunk) re-scores exactly what the stream sampled, unrecorded slots stay empty, and
+    one update moves the weights with finite losses."""
+    import runpy
+    argv = ["train.py", *MICRO, "--N=2", "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
+            "--policy_chunks=0", "--policy_steps=1", "--train_planner=False", f"--out_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(A, "BACKEND", "torch")
+    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    nc, N = world.T // g["C"], g["N"]
+    assert (g["KP"], g["PC"], g["S"]) == (1, nc - 1, nc - 1)  # a prompt switch is never in the first chunk
+    plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)],
+             [("a red circle moves up", 0, 18), ("the red circle grows", 18, 24)]]  # switches at chunks 3 and 6
+    lat, switch, ctx, xs, xn, lo = g["rollout"](plans, torch.Generator().manual_seed(3))
+    assert switch.tolist() == [3] * N + [6] * N and xs.shape[1] == nc - 1
+    for r, sw in enumerate(switch.tolist()):  # slot p holds chunk sw + p's first step, for as many chunks as are left
+        assert (lo[r, :nc - sw] != 0).all() and (lo[r, nc - sw:] == 0).all(), (r, lo[r])
+        assert (xs[r, :nc - sw].flatten(1).abs().amax(1) > 0).all() and (xs[r, nc - sw:] == 0).all()
+    rows = torch.arange(len(lat))
+    groups = g["update_groups"](switch)
+    logp_old, mean_ref = g["rescore"](groups, lat, ctx, xs, xn)
+    assert (logp_old - lo).abs().max() < 1e-4, (logp_old - lo).abs().max()  # float32 on the CPU
+    net = g["executor"]
+    before = [p.detach().clone() for p in net.parameters()]
+    r = torch.tensor([0.1, 0.9, 0.4, 0.2])  # a mock reward, named as such: only the update's arithmetic is tested
+    stats = g["executor_update"](groups, lat[rows], ctx, xs, xn, logp_old, mean_ref, g["group_advantages"](r, N, std="group"))
+    assert stats["e_skipped"] == 0 and math.isfinite(stats["e_loss"]) and math.isfinite(stats["kl"]), stats
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

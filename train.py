@@ -5,7 +5,8 @@ instructions. One iteration, for each instruction of the batch (SPEC "The TempAc
   1. the planner samples M plans (the planning group), keeping their token log-probs;
   2. per plan, the executor streams the shared context up to the first prompt switch, then N
      continuations (the execution group): the first transition chunk's denoising steps are sampled
-     from the policy's Gaussian and their log-probs recorded, the rest runs to the end of the video;
+     from the policy's Gaussian and their log-probs recorded, the rest runs to the end of the video
+     (policy_chunks, policy_steps: not in the paper, the later chunks' steps can be the policy's too);
   3. rewards: plan quality + temporal following (mean over the N continuations) for the planner;
      local step following + aesthetic on the transition chunk for the executor, plus (w_exec_temporal;
      not in the paper, which has it at 0) the temporal following of the continuation's own video;
@@ -82,6 +83,12 @@ sample_steps = 10         # the world: Euler steps per chunk
 denoising_steps = (1000, 750, 500, 250)  # real backbones: the distilled few-step sampler's timesteps per chunk
 sample_shift = 3.0        # the Euler schedule's shift (pretrain.py's train_shift)
 noise_level = 1.0         # Flow-GRPO's a (the world's SDE; Flow-GRPO uses 0.7, 1.0 did better here on two bases, EXPERIMENTS.md)
+policy_chunks = 1         # chunks, from the transition chunk on, whose steps are the policy's (sampled, log-probs recorded,
+                          # updated): 1 = the transition chunk alone (the paper); 0 = every chunk to the end of the video.
+                          # Each chunk's re-scoring runs its context again: 0 cost 3-4.5x per update on the world and
+                          # gained less in the same minutes (EXPERIMENTS.md)
+policy_steps = 0          # of each such chunk's steps, the first this many (0: all K, every step but the last); the
+                          # others run the ODE (Flow-GRPO-Fast likewise trains a few early steps)
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
@@ -197,7 +204,13 @@ elif real:
     die(f"denoising_steps must be a tuple of >= 2 timesteps in 1..1000, not {denoising_steps!r}")
 else:
     die(f"sample_steps must be an int >= 2 (Euler steps per chunk), not {sample_steps!r}")
-K = len(sigmas) - 2  # policy steps per transition chunk: every step but the last (its Gaussian has no width)
+K = len(sigmas) - 2  # steps a chunk could give the policy: every step but the last (its Gaussian has no width)
+for name, value in (("policy_chunks", policy_chunks), ("policy_steps", policy_steps)):
+    if not isinstance(value, int) or value < 0:
+        die(f"{name} must be an int >= 0 (0: all), not {value!r}")
+if policy_steps > K:
+    die(f"policy_steps must be at most {K} (every step of a chunk but the last), not {policy_steps}")
+KP = policy_steps or K                        # policy steps per policy chunk: sigma_0 .. sigma_KP-1
 
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -343,6 +356,8 @@ if grad_ckpt:  # memory for one block's activations instead of all of them, for 
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
 C = executor.cfg.chunk_frames
+PC = max(1, min(policy_chunks or T // C, T // C - 1))  # policy chunks a row has at most: a switch is never in chunk 0
+S = PC * KP                                   # a row's recorded steps: chunk p's step k at p * KP + k
 state_path = os.path.join(out_dir, "state.pt")
 it, minutes_before = 0, 0.0
 full = None
@@ -485,8 +500,8 @@ def rollout(plans: list, g: torch.Generator):
     """
     plans: P valid plans -> P*N rows (row r is continuation r % N of plan r // N).
     Returns latents (R, T, c, h, w) float, the switch chunk per row (-1: one-step plan), the per-chunk
-    contexts (R, chunks, L, D), and the transition chunk's recorded steps: xs, x_nexts (R, K, C, c, h, w),
-    logp_old (R, K).
+    contexts (R, chunks, L, D), and the policy's recorded steps, the first KP of each of the PC chunks from
+    the switch on: xs, x_nexts (R, S, C, c, h, w), logp_old (R, S) (zeros past the video's end).
     """
     P, R, nc = len(plans), len(plans) * N, T // C
     ctx = torch.stack([c.repeat_interleave(N, 0) for c in plan_contexts(plans)], 1)  # (R, nc, L, D)
@@ -497,10 +512,10 @@ def rollout(plans: list, g: torch.Generator):
     draws = 1 if sampler == "ode" else len(sigmas) - 1
     own = torch.randn((R, nc, draws, *shape), generator=g, device=device)
     shared = torch.randn((P, nc, draws, *shape), generator=g, device=device).repeat_interleave(N, 0)
-    eps = torch.randn((R, K, *shape), generator=g, device=device)  # the transition chunk's policy steps
+    eps = torch.randn((R, S, *shape), generator=g, device=device)  # the policy's steps
     lat = torch.zeros(R, T, *frame_shape, device=device)
-    xs = torch.zeros(R, K, *shape, device=device)
-    x_nexts, logp_old = torch.zeros_like(xs), torch.zeros(R, K, device=device)
+    xs = torch.zeros(R, S, *shape, device=device)
+    x_nexts, logp_old = torch.zeros_like(xs), torch.zeros(R, S, device=device)
     ph, pw = executor.cfg.patch_size[1:]
     executor.eval()
     for r0 in range(0, R, rollout_rows or R):
@@ -526,16 +541,19 @@ def rollout(plans: list, g: torch.Generator):
             noise = own[rows, j] if flat_groups else torch.where(together[:, None, None, None, None, None],
                                                                  shared[rows, j], own[rows, j])  # (B, draws, C, c, h, w)
             x = noise[:, 0]
-            sde = sw == j  # rows whose transition chunk this is
+            p = j - sw                                 # (B,) this chunk's place among a row's policy chunks
+            sde = (sw >= 0) & (p >= 0) & (p < PC)      # rows for which it is a policy chunk
+            at = torch.arange(r0, rows.stop, device=device)  # (B,) the rows' indices in the batch
             for i in range(len(sigmas) - 1):
                 s, s_next = sigmas[i], sigmas[i + 1]
                 with autocast:
                     v = executor(x, torch.full((B, C), 1000 * s, device=device), cj, cache=cache, start_frame=j * C)
                 x_new = sampler_step(x, v, s, s_next, noise[:, i + 1] if i + 1 < draws else None)
-                if i < K and sde.any():
-                    x_pol, logp, _, _ = policy_step(x, v, s, s_next, noise=eps[rows, i])
-                    idx = torch.arange(r0, rows.stop, device=device)[sde]
-                    xs[idx, i], x_nexts[idx, i], logp_old[idx, i] = x[sde].float(), x_pol[sde], logp[sde]
+                if i < KP and sde.any():
+                    slot = p.clamp(0, PC - 1) * KP + i  # (B,) where each row records this step
+                    x_pol, logp, _, _ = policy_step(x, v, s, s_next, noise=eps[at, slot])
+                    at_s = (at[sde], slot[sde])
+                    xs[at_s], x_nexts[at_s], logp_old[at_s] = x[sde].float(), x_pol[sde], logp[sde]
                     x_new = torch.where(sde[:, None, None, None, None], x_pol, x_new)
                 x = x_new
             with autocast:
@@ -601,7 +619,7 @@ def judge_real(videos, jobs) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# the executor's policy: the transition chunk's stochastic step under the current weights
+# the executor's policy: the policy chunks' stochastic steps under the current weights
 
 
 def batches_of(n: int) -> list[torch.Tensor]:
@@ -610,31 +628,31 @@ def batches_of(n: int) -> list[torch.Tensor]:
     return parts + [torch.zeros(0, dtype=torch.long)] * (num_minibatches - len(parts))
 
 
-def transition_steps(net, lat, ctx, j: int, xs, x_nexts):
-    """Re-score the K recorded steps of rows whose transition chunk is j. One forward holds the clean context
-    frames [0, jC) at t = 0 and then the chunk at every sigma_k (model.forward_copies): each copy's v is the
-    one the streamed sampler computed (test_all.py checks streaming == this forward; LongLive's re-cache,
-    which re-encodes the cached frames with the new prompt, is the exception), and the context runs once,
-    not K times. A windowed model (LongLive) cannot show a copy the context: one forward per step.
-    lat (B, T, c, h, w), ctx (B, chunks, L, D), xs, x_nexts (B, K, C, c, h, w) -> logp (B, K),
-    mean (B, K, C, c, h, w), std (K,)."""
+def chunk_steps(net, lat, ctx, j: int, xs, x_nexts):
+    """Re-score the KP recorded steps of chunk j. One forward holds the clean context frames [0, jC) at t = 0
+    and then the chunk at every sigma_k (model.forward_copies): each copy's v is the one the streamed
+    sampler computed (test_all.py checks streaming == this forward; LongLive's re-cache, which re-encodes
+    the cached frames with the new prompt, is the exception), and the context runs once, not KP times. A
+    windowed model (LongLive) cannot show a copy the context: one forward per step.
+    lat (B, T, c, h, w), ctx (B, chunks, L, D), xs, x_nexts (B, KP, C, c, h, w) -> logp (B, KP),
+    mean (B, KP, C, c, h, w), std (KP,)."""
     B, f, dev = len(lat), j * C, lat.device
     with autocast:
         if not net.cfg.window_frames:
-            v = Mod.forward_copies(net, lat[:, :f], xs, 1000 * torch.tensor(sigmas[:K], device=dev), ctx[:, :j + 1])
+            v = Mod.forward_copies(net, lat[:, :f], xs, 1000 * torch.tensor(sigmas[:KP], device=dev), ctx[:, :j + 1])
         else:
             t_ctx = torch.zeros(B, f, device=dev)
             v = torch.stack([net(torch.cat([lat[:, :f], xs[:, k]], 1),
                                  torch.cat([t_ctx, torch.full((B, C), 1000 * sigmas[k], device=dev)], 1),
-                                 ctx[:, :j + 1])[:, f:] for k in range(K)], 1)                      # (B, K, C, c, h, w)
-    steps = [policy_step(xs[:, k], v[:, k], sigmas[k], sigmas[k + 1], x_next=x_nexts[:, k]) for k in range(K)]
+                                 ctx[:, :j + 1])[:, f:] for k in range(KP)], 1)                     # (B, KP, C, c, h, w)
+    steps = [policy_step(xs[:, k], v[:, k], sigmas[k], sigmas[k + 1], x_next=x_nexts[:, k]) for k in range(KP)]
     return (torch.stack([s[1] for s in steps], 1), torch.stack([s[2] for s in steps], 1),
             torch.tensor([float(s[3]) for s in steps], device=dev))
 
 
 def update_groups(switch: torch.Tensor) -> list[list[tuple[int, torch.Tensor]]]:
     """The executor update's minibatches (batches_of), each as (j, rows) groups: rows of one transition chunk
-    j, in micro-batches of micro_batch rows. A group's forward then stops at its own chunk."""
+    j, in micro-batches of micro_batch rows. A group's rows then share their policy chunks (policy_chunks_of)."""
     return [[(j, i) for j in switch[idx].unique().tolist() for i in micro(idx[switch[idx] == j])]
             for idx in batches_of(len(switch))]
 
@@ -643,43 +661,53 @@ def micro(idx: torch.Tensor) -> list[torch.Tensor]:
     return list(idx.split(micro_batch)) if micro_batch else [idx]
 
 
+def policy_chunks_of(j: int) -> list[tuple[int, slice]]:
+    """A row whose transition chunk is j: each of its policy chunks and where its steps lie in xs (rollout)."""
+    return [(j + p, slice(p * KP, (p + 1) * KP)) for p in range(min(PC, T // C - j))]
+
+
 @torch.no_grad()
 def rescore(groups, lat, ctx, xs, x_nexts):
     """Before the update: the recorded steps' log-probs under the current executor, through the update's own
     groups and code path so that the first ratio is exactly 1, and the frozen reference's means for the KL.
-    Needs no reward, so on the world it runs while the judges do. Returns logp_old (R, K), mean_ref (R, K, C, c, h, w)."""
+    Needs no reward, so on the world it runs while the judges do. Returns logp_old (R, S), mean_ref (R, S, C, c, h, w)."""
     executor.eval()
     logp_old, mean_ref = torch.zeros(xs.shape[:2], device=xs.device), torch.zeros_like(xs)
     for j, i in (g for part in groups for g in part):
         i = i.to(xs.device)
-        logp_old[i] = transition_steps(executor, lat[i], ctx[i], j, xs[i], x_nexts[i])[0]
-        mean_ref[i] = transition_steps(reference, lat[i], ctx[i], j, xs[i], x_nexts[i])[1]
+        for c, k in policy_chunks_of(j):
+            logp_old[i, k] = chunk_steps(executor, lat[i], ctx[i], c, xs[i, k], x_nexts[i, k])[0]
+            mean_ref[i, k] = chunk_steps(reference, lat[i], ctx[i], c, xs[i, k], x_nexts[i, k])[1]
     return logp_old, mean_ref
 
 
 def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
     """Flow-GRPO (FACTS 5): per policy step k, loss_k = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
-    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); the K steps' losses averaged, one optimizer
-    step per minibatch. A minibatch's groups add their gradients up to the minibatch's."""
+    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); a row's steps' losses averaged (KP in each
+    of its policy chunks, all with the row's advantage), one optimizer step per minibatch. A minibatch's
+    groups, and a group's chunks (one backward each), add their gradients up to the minibatch's."""
     stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_skipped": 0}
     executor.train()
     for part in groups:
         n = sum(len(i) for _, i in part)
         for j, i in part:
             i = i.to(xs.device)
-            logp, mean, std = transition_steps(executor, lat[i], ctx[i], j, xs[i], x_nexts[i])   # (B, K), (B, K, ...)
-            ratio = torch.exp(logp - logp_old[i])                                                 # (B, K)
             A = adv[i, None]                                                                      # (B, 1)
-            policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / n
-            kl = (((mean - mean_ref[i]) ** 2).flatten(2).mean(2) / (2 * std ** 2)).sum() / n        # summed over k
-            loss = (policy + kl_beta * kl) / K
-            if not torch.isfinite(loss):
-                stats["e_skipped"] += 1
-                continue
-            loss.backward()
-            stats["e_loss"] += loss.item()
-            stats["kl"] += kl.item() / K
-            stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().sum().item() / n / K
+            chunks = policy_chunks_of(j)
+            steps = KP * len(chunks)                                                              # per row
+            for c, k in chunks:
+                logp, mean, std = chunk_steps(executor, lat[i], ctx[i], c, xs[i, k], x_nexts[i, k])  # (B, KP), (B, KP, ...)
+                ratio = torch.exp(logp - logp_old[i, k])                                          # (B, KP)
+                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / n
+                kl = (((mean - mean_ref[i, k]) ** 2).flatten(2).mean(2) / (2 * std ** 2)).sum() / n  # summed over k
+                loss = (policy + kl_beta * kl) / steps
+                if not torch.isfinite(loss):
+                    stats["e_skipped"] += 1
+                    continue
+                loss.backward()
+                stats["e_loss"] += loss.item()
+                stats["kl"] += kl.item() / steps
+                stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().sum().item() / n / steps
         sync_grads(executor.parameters())
         torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
         e_opt.step()
@@ -778,9 +806,9 @@ if warmup:  # every attention shape of the iteration once, so kernel autotuning 
             executor(torch.randn(1, C, *frame_shape, device=device), torch.full((1, C), 500.0, device=device),
                      torch.zeros(1, L, D, device=device), cache=cache, start_frame=j * C)
     del cache
-    for j in range(1, T // C):  # the update's forward and backward (transition_steps), for each transition chunk
-        xs = torch.randn(1, K, C, *frame_shape, device=device)
-        transition_steps(executor, torch.randn(1, T, *frame_shape, device=device), torch.zeros(1, T // C, L, D, device=device),
+    for j in range(1, T // C):  # the update's forward and backward (chunk_steps), for each chunk that can be a policy's
+        xs = torch.randn(1, KP, C, *frame_shape, device=device)
+        chunk_steps(executor, torch.randn(1, T, *frame_shape, device=device), torch.zeros(1, T // C, L, D, device=device),
                          j, xs, xs)[0].sum().backward()
     executor.zero_grad(set_to_none=True)
     sync()
@@ -940,8 +968,8 @@ if master and real and cuda and random_weights:  # the plan computed from these 
              "vae": n_par(vae)}
     backbones.memory_plan(world_size, torch.cuda.get_device_properties(device).total_memory / 1e9, sizes, M, N,
                           instructions, rollout_rows or M * N, T, (frame_shape[1] // ph) * (frame_shape[2] // pw),
-                          plan_tokens, offload=offload,  # the update's longest forward (transition_steps):
-                          update_frames=K * T if executor.cfg.window_frames else T - C + K * C)
+                          plan_tokens, offload=offload,  # the update's longest forward (chunk_steps):
+                          update_frames=KP * T if executor.cfg.window_frames else T - C + KP * C)
 if ddp:
     dist.destroy_process_group()
 if pool is not None:
