@@ -1543,7 +1543,8 @@ def test_train_refuses_unknown_choices(tmp_path):
                        ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'"),
                        ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
                        ("--policy_steps=5", "error: policy_steps must be at most 1 (every step of a chunk but the last), not 5"),
-                       ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2")):
+                       ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2"),
+                       ("--transition=last", "error: transition must be first or random, not 'last'")):
         r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", flag)
         assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
         assert not os.path.exists(tmp_path / "x")
@@ -1626,7 +1627,7 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     """--policy_chunks=0 --policy_steps=1: the first step of every chunk from the transition chunk to the end
     of the video is the policy's. Each recorded step sits in its own chunk's slot: the update's full forward
     (chunk_steps, one per chunk) re-scores exactly what the stream sampled, unrecorded slots stay empty, and
-    one update moves the weights with finite losses."""
+    one update moves the weights with finite losses. Then --transition: which switch a group branches at."""
     import runpy
     argv = ["train.py", *MICRO, "--N=2", "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
             "--policy_chunks=0", "--policy_steps=1", "--train_planner=False", f"--out_dir={tmp_path}"]
@@ -1653,6 +1654,18 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     stats = g["executor_update"](groups, lat[rows], ctx, xs, xn, logp_old, mean_ref, g["group_advantages"](r, N, std="group"))
     assert stats["e_skipped"] == 0 and math.isfinite(stats["e_loss"]) and math.isfinite(stats["kl"]), stats
     assert any((p.detach() - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
+    # --transition=random: an execution group branches at one of its plan's switches, drawn per plan (here at
+    # chunk 3 or 6), and the local judge then sees the steps on either side of that switch
+    three = [("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 18), ("the red circle grows", 18, 24)]
+    glb = g["instructions_for"].__globals__
+    for how, want in (("first", {3}), ("random", {3, 6})):
+        glb["transition"] = how
+        torch.manual_seed(0)  # train.py seeds the global generator every iteration
+        assert set(g["transition_chunks"]([three] * 20 + [three[:1], plans[1]])[:-2]) == want, how
+        assert g["transition_chunks"]([three[:1], plans[1]]) == [-1, 6]  # a one-step plan has no switch
+    assert g["rollout"]([three], torch.Generator().manual_seed(0))[1].tolist() in ([3] * N, [6] * N)
+    assert g["switch_steps"](three, 3) == ("a red circle moves right", "the red circle turns blue")
+    assert g["switch_steps"](three, 6) == ("the red circle turns blue", "the red circle grows")
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

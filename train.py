@@ -3,8 +3,8 @@ TempAct: planner-executor RL that makes an autoregressive video model follow tem
 instructions. One iteration, for each instruction of the batch (SPEC "The TempAct loop"):
 
   1. the planner samples M plans (the planning group), keeping their token log-probs;
-  2. per plan, the executor streams the shared context up to the first prompt switch, then N
-     continuations (the execution group): the first transition chunk's denoising steps are sampled
+  2. per plan, the executor streams the shared context up to the first prompt switch (transition:
+     or one drawn at random, not in the paper), then N continuations (the execution group): the first transition chunk's denoising steps are sampled
      from the policy's Gaussian and their log-probs recorded, the rest runs to the end of the video
      (policy_chunks, policy_steps: not in the paper, the later chunks' steps can be the policy's too);
   3. rewards: plan quality + temporal following (mean over the N continuations) for the planner;
@@ -71,6 +71,8 @@ flat_groups = False       # ablation: no shared context, every continuation its 
 transition_noise = "own"  # the transition chunk's start noise in an execution group: shared | own (see rollout)
 later_noise = "own"       # the noise of the chunks after it: shared | own. Both shared: a group's continuations differ
                           # only by the policy's recorded steps (common random numbers, see rollout)
+transition = "first"      # the prompt switch an execution group branches at: first (the paper's) | random (one of the
+                          # plan's switches, drawn per plan, so the later steps of long instructions get policy steps too)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
@@ -174,7 +176,7 @@ fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothing", ("ramp", "none")),
-                      ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
+                      ("transition", ("first", "random")), ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
                       ("adv_std", ("group", "batch", "none"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
@@ -495,6 +497,13 @@ def policy_step(x, v, s: float, s_next: float, noise=None, x_next=None):
     return Mod.renoise_step(x.float() - s * v.float(), s_next, noise=noise, x_next=x_next)
 
 
+def transition_chunks(plans: list) -> list[int]:
+    """Per plan, the chunk its execution group branches at: where its second step starts (transition="first"),
+    or where one of its later steps starts, drawn from the global generator (random); -1: none in the video."""
+    starts = [sorted({-(-s[1] // C) for s in p[1:]} & set(range(T // C))) for p in plans]
+    return [(js[0] if transition == "first" else js[int(torch.randint(len(js), ()))]) if js else -1 for js in starts]
+
+
 @torch.no_grad()
 def rollout(plans: list, g: torch.Generator):
     """
@@ -505,8 +514,7 @@ def rollout(plans: list, g: torch.Generator):
     """
     P, R, nc = len(plans), len(plans) * N, T // C
     ctx = torch.stack([c.repeat_interleave(N, 0) for c in plan_contexts(plans)], 1)  # (R, nc, L, D)
-    first = [-(-p[1][1] // C) if len(p) > 1 else -1 for p in plans]  # the chunk where the second step starts
-    switch = torch.tensor([j if j < nc else -1 for j in first]).repeat_interleave(N)  # (R,) -1: no transition
+    switch = torch.tensor(transition_chunks(plans)).repeat_interleave(N)  # (R,) -1: no transition
     shape = (C, *frame_shape)
     # every draw up front: a chunk's start noise, plus (re-noise sampler) one per re-noise step; shared within a plan
     draws = 1 if sampler == "ode" else len(sigmas) - 1
@@ -580,13 +588,19 @@ def pixel_span(j: int) -> tuple[int, int]:
     return max(0, 4 * j * C - 3), 4 * (j + 1) * C - 3
 
 
+def switch_steps(plan, sw: int) -> tuple[str, str]:
+    """The step prompts on either side of the switch in transition chunk sw (the first step that starts there)."""
+    k = next(k for k in range(1, len(plan)) if -(-plan[k][1] // C) == sw)
+    return plan[k - 1][0], plan[k][0]
+
+
 def judge(args):
     """World judges for one continuation (runs in a worker process)."""
     video, instruction, plan, sw = args
     out = {"temporal": rewards.temporal_following(video, instruction)}
     if sw >= 0:  # the transition chunk: the new step should start in it, the previous one be done
         span = (sw * C, sw * C + C)
-        out["local"] = rewards.local_step_following(video, span, plan[0][0], plan[1][0], graded=local_reward == "graded")
+        out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=local_reward == "graded")
         out["aesthetic"] = rewards.aesthetic(video[span[0]:span[1]])
     return out
 
@@ -612,8 +626,9 @@ def judge_real(videos, jobs) -> list[dict]:
             out = {"temporal": judged(vlm_judge.temporal_following, video, instruction)}
             if sw >= 0:
                 a, b = pixel_span(sw)
-                out["local"] = judged(vlm_judge.local_step_following, video, (a, b), plan[0][0], plan[1][0])
-                out["aesthetic"] = judged(pick.aesthetic, video[a:b], plan[1][0])
+                before, after = switch_steps(plan, sw)
+                out["local"] = judged(vlm_judge.local_step_following, video, (a, b), before, after)
+                out["aesthetic"] = judged(pick.aesthetic, video[a:b], after)
             scores.append(out)
     return scores
 
