@@ -72,7 +72,8 @@ transition_noise = "own"  # the transition chunk's start noise in an execution g
 later_noise = "own"       # the noise of the chunks after it: shared | own. Both shared: a group's continuations differ
                           # only by the policy's recorded steps (common random numbers, see rollout)
 transition = "first"      # the prompt switch an execution group branches at: first (the paper's) | random (one of the
-                          # plan's switches, drawn per plan, so the later steps of long instructions get policy steps too)
+                          # plan's switches, drawn per plan, so the later steps of long instructions get policy steps
+                          # too; not yet measured on the world's benchmark, EXPERIMENTS.md)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
