@@ -423,7 +423,7 @@ class VLMJudge:
         return self.score(video, TEMPORAL_FOLLOWING_PROMPT.format(instruction=instruction), SCALE_1_5)
 
     def local_step_following(self, video, span, prev_step: str, next_step: str) -> float:
-        """span = (start, end) pixel frames of the first transition chunk; P("Yes") on that clip."""
+        """span = (start, end) pixel frames of the transition chunk; P("Yes") on that clip."""
         start, end = span
         clip = np.asarray(video)[max(start, 0):max(end, start + 1)]  # at least one frame when start is inside
         text = LOCAL_STEP_PROMPT.format(prev_step=prev_step or "(nothing)", next_step=next_step)

@@ -499,10 +499,15 @@ def policy_step(x, v, s: float, s_next: float, noise=None, x_next=None):
     return Mod.renoise_step(x.float() - s * v.float(), s_next, noise=noise, x_next=x_next)
 
 
+def start_chunk(step: tuple) -> int:
+    """The chunk where a plan step (prompt, start, end) takes over: its start frame rounded up to a chunk."""
+    return -(-step[1] // C)
+
+
 def transition_chunks(plans: list) -> list[int]:
     """Per plan, the chunk its execution group branches at: where its second step starts (transition="first"),
     or where one of its later steps starts, drawn from the global generator (random); -1: none in the video."""
-    starts = [sorted({-(-s[1] // C) for s in p[1:]} & set(range(T // C))) for p in plans]
+    starts = [sorted({start_chunk(s) for s in p[1:]} & set(range(T // C))) for p in plans]
     return [(js[0] if transition == "first" else js[int(torch.randint(len(js), ()))]) if js else -1 for js in starts]
 
 
@@ -592,7 +597,7 @@ def pixel_span(j: int) -> tuple[int, int]:
 
 def switch_steps(plan, sw: int) -> tuple[str, str]:
     """The step prompts on either side of the switch in transition chunk sw (the first step that starts there)."""
-    k = next(k for k in range(1, len(plan)) if -(-plan[k][1] // C) == sw)
+    k = next(k for k in range(1, len(plan)) if start_chunk(plan[k]) == sw)
     return plan[k - 1][0], plan[k][0]
 
 
