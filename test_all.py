@@ -1575,14 +1575,14 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
     C, N, net, opt = g["C"], g["N"], g["executor"], g["e_opt"]
     plans = [g["stand_in_plan"](x) for x in g["instructions_for"](0)] * 4  # four execution groups
 
-    def proxy(seed, groups=4):
-        lat, switch, *rest = g["rollout"](plans[:groups], torch.Generator().manual_seed(seed))
+    def proxy(seed, n_groups=4):
+        lat, switch, *rest = g["rollout"](plans[:n_groups], torch.Generator().manual_seed(seed))
         rows = torch.tensor([r for r in range(len(lat)) if switch[r] >= 0])
         r = torch.stack([lat[i, switch[i] * C:(switch[i] + 1) * C, 0].mean() for i in rows.tolist()])
         return r, rows, (lat, switch, *rest)
 
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    before = proxy(0, groups=2)[0].mean().item()  # the check's fixed noise: two groups are enough
+    before = proxy(0, n_groups=2)[0].mean().item()  # the check's fixed noise: two groups are enough
     r, rows, (lat, switch, ctx, xs, xn, lo) = proxy(100)  # one batch from the start weights serves both signs
     assert len(rows) == 4 * N
     batch = lat[rows], ctx[rows], xs[rows], xn[rows]
@@ -1595,7 +1595,7 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
         opt.state.clear()
         g["executor_update"](groups, *batch, logp_old, mean_ref,
                              g["group_advantages"](sign * r, N, std="group"))  # num_minibatches Adam steps
-        moved[sign] = proxy(0, groups=2)[0].mean().item() - before  # the same noise as `before`: only the weights differ
+        moved[sign] = proxy(0, n_groups=2)[0].mean().item() - before  # the same noise as `before`: only the weights differ
     assert moved[1.0] > moved[-1.0], moved
     # the noise an execution group shares: always its context; with transition_noise / later_noise also the
     # transition chunk's start noise / the chunks after it. A near-zero SDE width leaves the shared noise as the
