@@ -281,17 +281,26 @@ def bench_quality():
     if max_items < 0:
         die(f"--max_items must be 0 (all) or more, got {max_items}")
     import world
-    from sample import generate, load_world
-    sets = {name: world.benchmark(name)[:max_items or None] for name in ("simple", "hard")}
-    table, extra, loaded = {}, {}, {}
+    from sample import SetupError, generate, load_world, world_paths
+    specs = []  # (row, kind, planner's folder, executor's folder): every row checked before any video is made
     for row in rows.split(","):
         kind, _, where = row.partition("@")
         plan_from, plus, film_from = (where or checkpoints).partition("+")
+        if kind not in ("global", "gt", "planner"):
+            die(f"row '{row}': unknown kind '{kind}' (global, planner or gt)")
         if plus and kind != "planner":
             die(f"row '{row}': only planner rows take two folders (P+E)")
-        film_from = film_from or plan_from  # the executor's (and text encoder's) folder
-        for w in {plan_from, film_from} - set(loaded):
-            loaded[w] = load_world(w, device)
+        specs.append((row, kind, plan_from, film_from or plan_from))  # E: the executor's and text encoder's folder
+    folders = list(dict.fromkeys(w for spec in specs for w in spec[2:]))
+    try:
+        for w in folders:  # all there before any is loaded
+            world_paths(w)
+        loaded = {w: load_world(w, device) for w in folders}
+    except (SetupError, ValueError) as e:
+        die(str(e))
+    sets = {name: world.benchmark(name)[:max_items or None] for name in ("simple", "hard")}
+    table, extra = {}, {}
+    for row, kind, plan_from, film_from in specs:
         models = {**loaded[film_from], "planner": loaded[plan_from]["planner"]}
         conf = os.path.join(film_from, "config.json")
         smooth = json.load(open(conf)).get("smoothing", smoothing) if os.path.exists(conf) else smoothing
@@ -301,14 +310,12 @@ def bench_quality():
             ins = [it["instruction"] for it in items]
             if kind == "global":
                 plans = [[(x, 0, world.T)] for x in ins]
-            elif kind == "gt":
-                plans = [[tuple(s) for s in it["plan"]] for it in items]
             elif kind == "planner":
                 out = models["planner"].plan(ins)
                 extra[f"{row}: valid plans {name}"] = sum(p is not None for p, _, _ in out) / len(out)
                 plans = [p if p is not None else [(x, 0, world.T)] for (p, _, _), x in zip(out, ins)]
-            else:
-                raise SystemExit(f"error: unknown row '{row}'")
+            else:  # gt
+                plans = [[tuple(s) for s in it["plan"]] for it in items]
             scores = []  # one score dict per (generation seed, item): the row's mean is over both
             for g in range(seed, seed + eval_seeds):
                 videos = generate(models, plans, seed=g, smooth=smooth if kind != "global" else "none",

@@ -74,15 +74,21 @@ class SetupError(Exception):
     pass
 
 
-def load_world(ckpt_dir: str = "checkpoints", device: str = "cpu") -> dict:
-    """The world's executor, text encoder, tokenizer and planner, or one clear error line."""
-    from transformers import UMT5Config, UMT5EncoderModel
+def world_paths(ckpt_dir: str) -> dict:
+    """The world's three checkpoint paths in a folder, each checked to exist."""
     paths = {k: os.path.join(ckpt_dir, f) for k, f in [("executor", "world_executor.safetensors"),
                                                         ("text", "world_text_encoder.safetensors"),
                                                         ("planner", "world_planner")]}
     for k, p in paths.items():
         if not os.path.exists(p):
             raise SetupError(f"missing {k} checkpoint {p}: run pretrain.py (README) or pass --checkpoints")
+    return paths
+
+
+def load_world(ckpt_dir: str = "checkpoints", device: str = "cpu") -> dict:
+    """The world's executor, text encoder, tokenizer and planner, or one clear error line."""
+    from transformers import UMT5Config, UMT5EncoderModel
+    paths = world_paths(ckpt_dir)
     dt = torch.float32 if device == "cpu" else torch.bfloat16
     executor = M.from_pretrained(paths["executor"], device=device, dtype=dt).eval()
     text_sd, meta = M.read_state_dict(paths["text"])

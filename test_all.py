@@ -1498,9 +1498,15 @@ def test_train_two_iterations_and_resume(tmp_path):
     assert os.path.exists(os.path.join(a, "world_planner", "model.safetensors"))
 
 
-def test_bench_quality_refuses_no_seeds():
-    r = _run("bench.py", "--quality", "--eval_seeds=0")
-    assert r.returncode == 2 and r.stderr.strip() == "error: --eval_seeds must be at least 1, got 0", r.stderr
+def test_bench_quality_refuses_bad_rows(tmp_path):
+    # one clear line, and before any row is scored: a bad last row does not cost the minutes of the rows before it
+    missing = tmp_path / "nothere"
+    for args, line in ((["--eval_seeds=0"], "error: --eval_seeds must be at least 1, got 0"),
+                       (["--rows=planner,plan"], "error: row 'plan': unknown kind 'plan' (global, planner or gt)"),
+                       ([f"--rows=planner,planner@{missing}"], f"error: missing executor checkpoint "
+                        f"{missing}/world_executor.safetensors: run pretrain.py (README) or pass --checkpoints")):
+        r = _run("bench.py", "--quality", "--device=cpu", *args)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [line] and r.stdout == "", (r.stdout, r.stderr)
 
 
 def test_bench_quality_mixes_planner_and_executor(tmp_path):
