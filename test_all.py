@@ -1550,7 +1550,11 @@ def test_train_refuses_unknown_choices(tmp_path):
                        ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
                        ("--policy_steps=5", "error: policy_steps must be at most 1 (every step of a chunk but the last), not 5"),
                        ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2"),
-                       ("--transition=last", "error: transition must be first or random, not 'last'")):
+                       ("--transition=last", "error: transition must be first or random, not 'last'"),
+                       ("--M=1", "error: M must be an int >= 2 (1 only with --train_planner=False), not 1"),
+                       ("--num_minibatches=0", "error: num_minibatches must be an int >= 1, not 0"),
+                       ("--max_steps=9", "error: max_steps must be an int >= 1 and <= 8 (the world's videos have that many chunks), not 9"),
+                       ("--pair_frac=2", "error: pair_frac must be in [0, 1], not 2.0")):
         r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", flag)
         assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
         assert not os.path.exists(tmp_path / "x")

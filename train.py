@@ -182,6 +182,19 @@ for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothin
                       ("adv_std", ("group", "batch", "none"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
+# counts and ranges, refused here in one line rather than as a traceback after the run's folder is written.
+# A group of one has no advantage: GSPO compares an instruction's M plans, Flow-GRPO a plan's N continuations
+for name, value, least, most in (("M", M, 2 if train_planner else 1, None), ("N", N, 2 if train_executor else 1, None),
+                                 ("num_minibatches", num_minibatches, 1, None), ("ckpt_every", ckpt_every, 1, None),
+                                 ("min_steps", min_steps, 1, max_steps), ("max_steps", max_steps, 1, world.T // world.CHUNK)):
+    if not isinstance(value, int) or value < least or (most is not None and value > most):
+        why = {"M": " (1 only with --train_planner=False)", "N": " (1 only with --train_executor=False)",
+               "max_steps": " (the world's videos have that many chunks)"}.get(name, "")
+        die(f"{name} must be an int >= {least}{'' if most is None else f' and <= {most}'}{why}, not {value!r}")
+if not (isinstance(pair_frac, (int, float)) and 0 <= pair_frac <= 1):
+    die(f"pair_frac must be in [0, 1], not {pair_frac!r}")
+if not (isinstance(planner_temperature, (int, float)) and planner_temperature > 0):
+    die(f"planner_temperature must be > 0, not {planner_temperature!r}")
 # resuming: out_dir's run must be this one. Only how long and how it runs may change: a run that
 # switched settings halfway is no run anyone can reproduce (and AdamW's saved lr would override a new one)
 RESUME_FREE = {"max_iters", "max_minutes", "ckpt_every", "save_checkpoints", "out_dir", "device", "rollout_rows",
