@@ -75,6 +75,15 @@ short_form_frac = 0.3             # instructions as users write them: size and p
 from configurator import configure, die  # noqa: E402
 
 config = configure(globals())
+# every setting checked before anything is written (out_dir defaults to the shipped checkpoints' folder)
+if model not in ("executor", "planner"):
+    die(f"unknown model '{model}': executor or planner")
+if compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+    die(f"unknown compile_mode '{compile_mode}': default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
+for name, value, least in (("batch_size", batch_size, 1), ("ckpt_every", ckpt_every, 1), ("log_every", log_every, 1),
+                           ("max_steps", max_steps, 1), ("workers", workers, 0), ("warmup", warmup, 0)):
+    if not isinstance(value, int) or value < least:
+        die(f"{name} must be an int >= {least}, not {value!r}")
 
 import world  # noqa: E402
 from planner import PLAIN_SEP, format_plan, tiny_qwen3  # noqa: E402
@@ -247,10 +256,6 @@ def export_planner(net, _, ema_params, step):
 # -----------------------------------------------------------------------------
 # the loop
 
-if model not in ("executor", "planner"):
-    die(f"unknown model '{model}': executor or planner")
-if compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-    die(f"unknown compile_mode '{compile_mode}': default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
 net, text_enc, params, ema_params, loss_fn = train_executor() if model == "executor" else train_planner()
 export = export_executor if model == "executor" else export_planner
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay,

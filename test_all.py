@@ -1417,6 +1417,9 @@ def test_pretrain_resumes_and_rejects_bad_config(tmp_path):
     assert r.returncode == 2 and "unknown model 'painter'" in r.stderr and r.stderr.strip().count("\n") == 0
     r = _run("pretrain.py", "--compile_mode=fast", f"--out_dir={out}")
     assert r.returncode == 2 and "unknown compile_mode 'fast'" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = _run(*args, f"--out_dir={tmp_path / 'zero'}", "--batch_size=0")  # refused before anything is written
+    assert r.returncode == 2 and r.stderr.strip() == "error: batch_size must be an int >= 1, not 0", r.stderr[-500:]
+    assert not os.path.exists(tmp_path / "zero")
     r = _run(*args, f"--out_dir={tmp_path / 'nan'}", "--lr=1e30", "--warmup=1", "--max_steps=3")  # later flags win
     assert r.returncode == 0 and "update skipped" in r.stdout, r.stdout[-500:]  # blown-up weights: logged, run goes on
 
