@@ -19,6 +19,12 @@ def die(msg: str):
     raise SystemExit(2)
 
 
+def require_int(name: str, value, least: int, most: int | None = None, why: str = ""):
+    """A setting that must be an int in [least, most], or one line saying so."""
+    if not isinstance(value, int) or value < least or (most is not None and value > most):
+        die(f"{name} must be an int >= {least}{'' if most is None else f' and <= {most}'}{why}, not {value!r}")
+
+
 def configure(g: dict, argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     keys = {k for k, v in g.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, dict, type(None)))}

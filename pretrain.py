@@ -72,7 +72,7 @@ drop_step_frac = 0.15             # imperfect targets: a step dropped ...
 swap_step_frac = 0.15             # ... or two neighbouring steps swapped
 short_form_frac = 0.3             # instructions as users write them: size and position left out
 # -----------------------------------------------------------------------------
-from configurator import configure, die  # noqa: E402
+from configurator import configure, die, require_int  # noqa: E402
 
 config = configure(globals())
 # every setting checked before anything is written (out_dir defaults to the shipped checkpoints' folder)
@@ -80,10 +80,8 @@ if model not in ("executor", "planner"):
     die(f"unknown model '{model}': executor or planner")
 if compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
     die(f"unknown compile_mode '{compile_mode}': default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
-for name, value, least in (("batch_size", batch_size, 1), ("ckpt_every", ckpt_every, 1), ("log_every", log_every, 1),
-                           ("max_steps", max_steps, 1), ("workers", workers, 0), ("warmup", warmup, 0)):
-    if not isinstance(value, int) or value < least:
-        die(f"{name} must be an int >= {least}, not {value!r}")
+for name, least in (("batch_size", 1), ("ckpt_every", 1), ("log_every", 1), ("max_steps", 1), ("workers", 0), ("warmup", 0)):
+    require_int(name, globals()[name], least)
 
 import world  # noqa: E402
 from planner import PLAIN_SEP, format_plan, tiny_qwen3  # noqa: E402

@@ -1551,7 +1551,7 @@ def test_train_refuses_unknown_choices(tmp_path):
     for flag, line in (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
                        ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'"),
                        ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
-                       ("--policy_steps=5", "error: policy_steps must be at most 1 (every step of a chunk but the last), not 5"),
+                       ("--policy_steps=5", "error: policy_steps must be an int >= 0 and <= 1 (0: all 1, every step of a chunk but the last), not 5"),
                        ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2"),
                        ("--transition=last", "error: transition must be first or random, not 'last'"),
                        ("--M=1", "error: M must be an int >= 2 (1 only with --train_planner=False), not 1"),

@@ -144,7 +144,7 @@ planner_layers = 36       # random_weights: the Qwen3-8B-shaped planner's depth
 stand_in_plans = False    # random-weight planners write no valid plan: roll out the instruction's own steps instead
 warmup = False            # benchmarks: first run the executor once at every attention shape (kernel tuning), untimed
 # -----------------------------------------------------------------------------
-from configurator import configure, die  # noqa: E402
+from configurator import configure, die, require_int  # noqa: E402
 
 config = configure(globals())
 
@@ -184,13 +184,12 @@ for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothin
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
 # counts and ranges, refused here in one line rather than as a traceback after the run's folder is written.
 # A group of one has no advantage: GSPO compares an instruction's M plans, Flow-GRPO a plan's N continuations
-for name, value, least, most in (("M", M, 2 if train_planner else 1, None), ("N", N, 2 if train_executor else 1, None),
-                                 ("num_minibatches", num_minibatches, 1, None), ("ckpt_every", ckpt_every, 1, None),
-                                 ("min_steps", min_steps, 1, max_steps), ("max_steps", max_steps, 1, world.T // world.CHUNK)):
-    if not isinstance(value, int) or value < least or (most is not None and value > most):
-        why = {"M": " (1 only with --train_planner=False)", "N": " (1 only with --train_executor=False)",
-               "max_steps": " (the world's videos have that many chunks)"}.get(name, "")
-        die(f"{name} must be an int >= {least}{'' if most is None else f' and <= {most}'}{why}, not {value!r}")
+require_int("M", M, 2 if train_planner else 1, why=" (1 only with --train_planner=False)")
+require_int("N", N, 2 if train_executor else 1, why=" (1 only with --train_executor=False)")
+require_int("num_minibatches", num_minibatches, 1)
+require_int("ckpt_every", ckpt_every, 1)
+require_int("max_steps", max_steps, 1, world.T // world.CHUNK, why=" (the world's videos have that many chunks)")
+require_int("min_steps", min_steps, 1, max_steps)
 if not (isinstance(pair_frac, (int, float)) and 0 <= pair_frac <= 1):
     die(f"pair_frac must be in [0, 1], not {pair_frac!r}")
 if not (isinstance(planner_temperature, (int, float)) and planner_temperature > 0):
@@ -222,11 +221,8 @@ elif real:
 else:
     die(f"sample_steps must be an int >= 2 (Euler steps per chunk), not {sample_steps!r}")
 K = len(sigmas) - 2  # steps a chunk could give the policy: every step but the last (its Gaussian has no width)
-for name, value in (("policy_chunks", policy_chunks), ("policy_steps", policy_steps)):
-    if not isinstance(value, int) or value < 0:
-        die(f"{name} must be an int >= 0 (0: all), not {value!r}")
-if policy_steps > K:
-    die(f"policy_steps must be at most {K} (every step of a chunk but the last), not {policy_steps}")
+require_int("policy_chunks", policy_chunks, 0, why=" (0: all)")
+require_int("policy_steps", policy_steps, 0, K, why=f" (0: all {K}, every step of a chunk but the last)")
 KP = policy_steps or K                        # policy steps per policy chunk: sigma_0 .. sigma_KP-1
 
 
