@@ -63,7 +63,8 @@ instructions = 0          # instructions per iteration, per rank; 0: 32 on the w
 M = 4                     # plans per instruction (the planning group)
 N = 4                     # continuations per plan (the execution group)
 min_steps, max_steps = 2, 4   # training instructions have this many steps (a switch is needed)
-pair_frac = 0.0           # the world: this share of training instructions has two objects and a two-object step (as Hard)
+pair_frac = 0.0           # the world: this share of training instructions has two objects and a two-object step (as Hard;
+                          # 0.5 did not help Hard, EXPERIMENTS.md)
 prompts = ""              # a file of instructions, one a line ('': sampled from the shapes world's grammar)
 train_planner = True
 train_executor = True
@@ -74,7 +75,7 @@ later_noise = "own"       # the noise of the chunks after it: shared | own. Both
                           # only by the policy's recorded steps (common random numbers, see rollout)
 transition = "first"      # the prompt switch an execution group branches at: first (the paper's) | random (one of the
                           # plan's switches, drawn per plan, so the later steps of long instructions get policy steps
-                          # too; not yet measured on the world's benchmark, EXPERIMENTS.md)
+                          # too; on the world no gain over first, EXPERIMENTS.md)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
