@@ -75,7 +75,7 @@ later_noise = "own"       # the noise of the chunks after it: shared | own. Both
                           # only by the policy's recorded steps (common random numbers, see rollout)
 transition = "first"      # the prompt switch an execution group branches at: first (the paper's) | random (one of the
                           # plan's switches, drawn per plan, so the later steps of long instructions get policy steps
-                          # too; on the world no gain over first, EXPERIMENTS.md)
+                          # too; on the world not told apart from first, EXPERIMENTS.md)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
