@@ -4,6 +4,7 @@ instruction with the grammar and the video with perception (world.py).
 
     temporal_following(video, instruction)                  every step realised, in order, nothing premature
     local_step_following(video, span, prev_step, next_step)  the transition chunk: new step starts, old one done
+    local_step_continuing(video, span, step, under_way)      a chunk inside a step: it gets on, nothing else starts
     plan_quality(plan, instruction, num_frames)              coverage, order, no invented steps, feasible spans
     aesthetic(frames)                                        clean frames (the PickScore stand-in)
     temporal_following_strict(video, instruction)            evaluation only (the out-of-domain judge)
@@ -105,30 +106,45 @@ def temporal_following_strict(video, instruction: str) -> float:
 # -----------------------------------------------------------------------------
 
 
-def local_step_following(video, span, prev_step: str | None, next_step: str, graded: bool = False) -> float:
-    """On the transition chunk span = (start, end): half for the new step starting inside it, half for
-    the previous step being finished by then; anything else starting in the chunk halves the score.
-    graded: each half in [0, 1] instead of yes/no (how far the new step got, how close the previous
-    one ended), so that an execution group's continuations rarely tie (a VLM judge's P("Yes") is graded too)."""
+def _chunk_tracks(video, span, step_prompt: str):
+    """The local judges' view of one chunk span = (start, end): the video up to its end perceived and tracked,
+    events at a lower threshold (a chunk holds only part of a move), the step's actor and target mapped to
+    tracks by where the objects are just before the chunk. Returns (s, e, tracks, events, step, who, at),
+    or None for a bad span or prompt."""
     try:
         s, e = int(span[0]), int(span[1])
         v = as_video(video)[:e]
-        n_objs, n_step = parse_step_prompt(next_step)
-        p_objs, p_step = parse_step_prompt(prev_step) if prev_step is not None else (None, None)
+        n_objs, n_step = parse_step_prompt(step_prompt)
     except (ParseError, ValueError, TypeError, IndexError):
-        return 0.0
+        return None
     if not 0 <= s < e <= len(v):
-        return 0.0
+        return None
     dets = perceive(v)
     # objects shown; one more than the prompt names is enough to see an extra one move, and the
     # tracker's exhaustive assignment grows factorially with it (a speckled video shows dozens)
     n = min(max(1, int(np.median([len(d) for d in dets]))), len(n_objs) + 1)
     tracks = track(dets, n)
-    events = detect_events(tracks, move_min=2.0)  # a chunk holds only the start of a move
+    events = detect_events(tracks, move_min=2.0)
     at = lambda tr: tr[max(s - 1, 0)]
     who = lambda o: min(range(n), key=lambda i: obj_cost(at(tracks[i]), o))  # the track the prompt describes
     ids = [who(o) for o in n_objs]
     step = Step(n_step.kind, ids[n_step.actor], n_step.arg, None if n_step.target is None else ids[n_step.target])
+    return s, e, tracks, events, step, who, at
+
+
+def local_step_following(video, span, prev_step: str | None, next_step: str, graded: bool = False) -> float:
+    """On the transition chunk span = (start, end): half for the new step starting inside it, half for
+    the previous step being finished by then; anything else starting in the chunk halves the score.
+    graded: each half in [0, 1] instead of yes/no (how far the new step got, how close the previous
+    one ended), so that an execution group's continuations rarely tie (a VLM judge's P("Yes") is graded too)."""
+    view = _chunk_tracks(video, span, next_step)
+    try:
+        p_objs, p_step = parse_step_prompt(prev_step) if prev_step is not None else (None, None)
+    except (ParseError, ValueError, TypeError, IndexError):
+        return 0.0
+    if view is None:
+        return 0.0
+    s, e, tracks, events, step, who, at = view
     started = [ev for ev in events if s <= ev.start < e and _realises(step, ev, tracks, None, None, False, partial=True)]
     begun = _progress(step, tracks, s, e) if graded else float(bool(started))
     done = 1.0
@@ -152,11 +168,29 @@ def local_step_following(video, span, prev_step: str | None, next_step: str, gra
     return (0.5 * begun + 0.5 * done) * (0.5 if extra else 1.0)
 
 
-def _progress(step: Step, tracks, s: int, e: int) -> float:
+def local_step_continuing(video, span, step_prompt: str, under_way: bool, graded: bool = False) -> float:
+    """On a chunk inside a step (no prompt switch there; train.py's transition="any", not in the paper): half
+    for the step getting on if it is still under way by the script's timing (graded: how far it got within
+    this chunk; yes/no: one of its events runs through the chunk), or full marks for that half if it should
+    be done; the other half always; anything else starting in the chunk halves the score, as on the
+    transition chunk. Unasked size changes and stray moves, which the whole-video judge counts against
+    a video, are then charged to the chunk where they start."""
+    view = _chunk_tracks(video, span, step_prompt)
+    if view is None:
+        return 0.0
+    s, e, tracks, events, step, _, _ = view
+    mine = [ev for ev in events if ev.start < e and ev.end > s and _realises(step, ev, tracks, None, None, False, partial=True)]
+    going = 1.0 if not under_way else _progress(step, tracks, s, e, fresh=False) if graded else float(bool(mine))
+    extra = [ev for ev in events if s <= ev.start < e and ev not in mine]
+    return (0.5 * going + 0.5) * (0.5 if extra else 1.0)
+
+
+def _progress(step: Step, tracks, s: int, e: int, fresh: bool = True) -> float:
     """How far the actor got into the step within the chunk, in [0, 1]: full marks for travelling 3 px
     the right way (the slowest natural move covers that in a chunk), turning to the new colour, or a
     size change the event detector would call one; less whatever it already did in the chunk before
-    (a step that started early is premature, as for the yes/no judge)."""
+    (a step that started early is premature, as for the yes/no judge). fresh=False: a step under way
+    since before the chunk, whose progress before it is no fault."""
     tr, t = tracks[step.actor], max(s - 1, 0)
     ref = tracks[step.target][t] if step.kind == "move_to" else None
     if tr[t] is None or (step.kind == "move_to" and ref is None):
@@ -178,6 +212,8 @@ def _progress(step: Step, tracks, s: int, e: int) -> float:
         dx, dy = b.x - a.x, b.y - a.y
         along, across = (dx * ux + dy * uy) / norm, abs(dx * uy - dy * ux) / norm
         return min(1.0, max(0.0, (along - 0.5 * across) / 3.0))
+    if not fresh:  # a step under way since before the chunk: its progress within the chunk
+        return gain(s - 1, e - 1)
     return max(0.0, gain(s - 1, e - 1) - gain(s - 1 - (e - s), s - 1))
 
 # -----------------------------------------------------------------------------

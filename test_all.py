@@ -795,6 +795,44 @@ def test_local_step_following_graded():
     assert cases == 6
 
 
+def test_local_step_continuing():
+    """The judge of a chunk inside a step (train.py's transition="any"): full marks on ground-truth renders,
+    whether the step is under way there or done; half for a move that stalls while it should be under way
+    (graded: no progress; yes/no: no event of the step runs through the chunk); and half where something
+    else starts in the chunk, here the next step started a chunk early. Bad prompts and spans score 0."""
+    from rewards import local_step_continuing
+    C, under, done, stalled, early = world.CHUNK, 0, 0, 0, 0
+    for it in ITEMS[::3]:
+        plan, (objs, steps) = it["plan"], world.parse(it["instruction"])
+        starts = [s for _, s, _ in plan]
+        v = world.render(it["instruction"])
+        for k, (prompt, a, b) in enumerate(plan):
+            need = world.chunks_needed(steps[k].kind)
+            for j in range(a // C + 1, b // C):  # the step's chunks after its first: no switch in them
+                uw = j < a // C + need
+                for graded in (True, False):
+                    assert local_step_continuing(v, (j * C, j * C + C), prompt, uw, graded=graded) == 1.0, (it, j)
+                under, done = under + uw, done + (not uw)
+            if steps[k].kind == "move" and need >= 2:  # the move cut off after its first chunk: stalls in its second
+                ends = [world.T] * len(steps)
+                ends[k] = a + C
+                cut = world.render_script(objs, steps, starts, ends)
+                span = (a + C, a + 2 * C)
+                assert local_step_continuing(cut, span, prompt, True, graded=True) == 0.5
+                assert local_step_continuing(cut, span, prompt, True) == 0.5
+                stalled += 1
+            if k + 1 < len(plan) and b - a >= 2 * C:  # the next step starts a chunk before the plan says
+                st = starts[:k + 1] + [starts[k + 1] - C] + starts[k + 2:]
+                span = (starts[k + 1] - C, starts[k + 1])
+                if (span[0] - a) >= world.DURATION[steps[k].kind]:  # this step is done by then
+                    assert local_step_continuing(world.render_script(objs, steps, st), span, prompt, False) == 0.5
+                    early += 1
+    assert min(under, done, stalled, early) >= 3, (under, done, stalled, early)
+    v = world.render(ITEMS[0]["instruction"])
+    assert local_step_continuing(v, (3, 6), "a blue blob dances", True) == 0.0
+    assert local_step_continuing(v, (6, 3), ITEMS[0]["plan"][0][0], True) == 0.0
+
+
 def test_local_step_following_bounds_the_tracker(monkeypatch):
     """A speckled video (a policy gone wrong) shows a dozen blobs a frame; the tracker tries every
     assignment, factorial in its track count, so the judge tracks at most one object more than the
@@ -1553,7 +1591,7 @@ def test_train_refuses_unknown_choices(tmp_path):
                        ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
                        ("--policy_steps=5", "error: policy_steps must be an int >= 0 and <= 1 (0: all 1, every step of a chunk but the last), not 5"),
                        ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2"),
-                       ("--transition=last", "error: transition must be first or random, not 'last'"),
+                       ("--transition=last", "error: transition must be first, random or any, not 'last'"),
                        ("--M=1", "error: M must be an int >= 2 (1 only with --train_planner=False), not 1"),
                        ("--num_minibatches=0", "error: num_minibatches must be an int >= 1, not 0"),
                        ("--max_steps=9", "error: max_steps must be an int >= 1 and <= 8 (the world's videos have that many chunks), not 9"),
@@ -1671,7 +1709,7 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     # chunk 3 or 6), and the local judge then sees the steps on either side of that switch
     three = [("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 18), ("the red circle grows", 18, 24)]
     glb = g["instructions_for"].__globals__
-    for how, want in (("first", {3}), ("random", {3, 6})):
+    for how, want in (("first", {3}), ("any", {3, 4, 5, 6, 7}), ("random", {3, 6})):
         glb["transition"] = how
         torch.manual_seed(0)  # train.py seeds the global generator every iteration
         assert set(g["transition_chunks"]([three] * 20)) == want, how
@@ -1679,6 +1717,16 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     assert g["rollout"]([three], torch.Generator().manual_seed(0))[1].tolist() in ([3] * N, [6] * N)
     assert g["switch_steps"](three, 3) == ("a red circle moves right", "the red circle turns blue")
     assert g["switch_steps"](three, 6) == ("the red circle turns blue", "the red circle grows")
+    # the judges: a switch chunk gets the transition judge, a chunk inside a step (transition="any") the continuing
+    # one, both 1.0 on the script's own render; inside the turn (chunks 4-5: done after one chunk) the grow starting
+    # a chunk early is something else starting there
+    text = "a red circle moves right, then turns blue, then grows"
+    objs, steps = world.parse(text)
+    plan = [(p, a, b) for p, (_, a, b) in zip(world.step_prompts(text), three)]  # the prompts that name the scene
+    gt = world.render_script(objs, steps, [0, 9, 18])
+    assert [g["judge"]((gt, text, plan, j))["local"] for j in (3, 4, 5, 6, 7)] == [1.0] * 5
+    early = world.render_script(objs, steps, [0, 9, 15])
+    assert g["judge"]((early, text, plan, 5))["local"] == 0.5
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

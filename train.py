@@ -75,7 +75,9 @@ later_noise = "own"       # the noise of the chunks after it: shared | own. Both
                           # only by the policy's recorded steps (common random numbers, see rollout)
 transition = "first"      # the prompt switch an execution group branches at: first (the paper's) | random (one of the
                           # plan's switches, drawn per plan, so the later steps of long instructions get policy steps
-                          # too; on the world not told apart from first, EXPERIMENTS.md)
+                          # too; on the world not told apart from first, EXPERIMENTS.md) | any (the world, not in the
+                          # paper: any chunk from the first switch on, drawn per plan; a chunk inside a step is judged by
+                          # rewards.local_step_continuing, so unasked changes are charged to the chunk they start in)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
@@ -172,6 +174,8 @@ master = rank == 0
 cuda = device.startswith("cuda")
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 real = backbone != "world"
+if real and transition == "any":
+    die("transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step")
 instructions = config["instructions"] = instructions or (8 if real else 32)
 if instructions < 0:
     die(f"instructions must be positive (or 0 for the backbone's default), not {instructions}")
@@ -179,7 +183,7 @@ fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothing", ("ramp", "none")),
-                      ("transition", ("first", "random")), ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
+                      ("transition", ("first", "random", "any")), ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
                       ("adv_std", ("group", "batch", "none"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
@@ -516,8 +520,11 @@ def start_chunk(step: tuple) -> int:
 
 def transition_chunks(plans: list) -> list[int]:
     """Per plan, the chunk its execution group branches at: where its second step starts (transition="first"),
-    or where one of its later steps starts, drawn from the global generator (random); -1: none in the video."""
+    where one of its later steps starts (random), or any chunk from there to the end (any), the last two drawn
+    from the global generator; -1: no switch in the video."""
     starts = [sorted({start_chunk(s) for s in p[1:]} & set(range(T // C))) for p in plans]
+    if transition == "any":
+        starts = [list(range(js[0], T // C)) if js else [] for js in starts]
     return [(js[0] if transition == "first" else js[int(torch.randint(len(js), ()))]) if js else -1 for js in starts]
 
 
@@ -616,8 +623,16 @@ def judge(args):
     video, instruction, plan, sw = args
     out = {"temporal": rewards.temporal_following(video, instruction)}
     if sw >= 0:  # the transition chunk: the new step should start in it, the previous one be done
-        span = (sw * C, sw * C + C)
-        out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=local_reward == "graded")
+        span, graded = (sw * C, sw * C + C), local_reward == "graded"
+        if any(start_chunk(s) == sw for s in plan[1:]):
+            out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=graded)
+        else:  # transition="any" branched inside a step: it should get on (if under way) and nothing else start
+            step = [s for s in plan if start_chunk(s) <= sw][-1]  # the step under way (a plan's steps are in order)
+            try:  # by the script's timing: a kind needs world.DURATION frames, from the chunk its step starts in
+                under_way = sw < start_chunk(step) + world.chunks_needed(world.parse_step_prompt(step[0])[1].kind)
+            except world.ParseError:  # an unreadable step prompt: the judge scores it 0 either way
+                under_way = False
+            out["local"] = rewards.local_step_continuing(video, span, step[0], under_way, graded=graded)
         out["aesthetic"] = rewards.aesthetic(video[span[0]:span[1]])
     return out
 
