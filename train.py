@@ -77,7 +77,8 @@ transition = "first"      # the prompt switch an execution group branches at: fi
                           # plan's switches, drawn per plan, so the later steps of long instructions get policy steps
                           # too; on the world not told apart from first, EXPERIMENTS.md) | any (the world, not in the
                           # paper: any chunk from the first switch on, drawn per plan; a chunk inside a step is judged by
-                          # rewards.local_step_continuing, so unasked changes are charged to the chunk they start in)
+                          # rewards.local_step_continuing, so unasked changes are charged to the chunk they start in;
+                          # it gained half what first did and left the unasked changes as they were, EXPERIMENTS.md)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
