@@ -137,11 +137,11 @@ def local_step_following(video, span, prev_step: str | None, next_step: str, gra
     the previous step being finished by then; anything else starting in the chunk halves the score.
     graded: each half in [0, 1] instead of yes/no (how far the new step got, how close the previous
     one ended), so that an execution group's continuations rarely tie (a VLM judge's P("Yes") is graded too)."""
-    view = _chunk_tracks(video, span, next_step)
     try:
         p_objs, p_step = parse_step_prompt(prev_step) if prev_step is not None else (None, None)
     except (ParseError, ValueError, TypeError, IndexError):
         return 0.0
+    view = _chunk_tracks(video, span, next_step)
     if view is None:
         return 0.0
     s, e, tracks, events, step, who, at = view

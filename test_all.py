@@ -1595,8 +1595,10 @@ def test_train_refuses_unknown_choices(tmp_path):
                        ("--M=1", "error: M must be an int >= 2 (1 only with --train_planner=False), not 1"),
                        ("--num_minibatches=0", "error: num_minibatches must be an int >= 1, not 0"),
                        ("--max_steps=9", "error: max_steps must be an int >= 1 and <= 8 (the world's videos have that many chunks), not 9"),
-                       ("--pair_frac=2", "error: pair_frac must be in [0, 1], not 2.0")):
-        r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", flag)
+                       ("--pair_frac=2", "error: pair_frac must be in [0, 1], not 2.0"),
+                       ("--backbone=selfforcing --transition=any",
+                        "error: transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step")):
+        r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", *flag.split())
         assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
         assert not os.path.exists(tmp_path / "x")
 
