@@ -4,7 +4,7 @@ instruction with the grammar and the video with perception (world.py).
 
     temporal_following(video, instruction)                  every step realised, in order, nothing premature
     local_step_following(video, span, prev_step, next_step)  the transition chunk: new step starts, old one done
-    local_step_continuing(video, span, step, under_way)      a chunk inside a step: it gets on, nothing else starts
+    local_step_continuing(video, span, step, since)          a chunk inside a step: it gets on, nothing else starts
     plan_quality(plan, instruction, num_frames)              coverage, order, no invented steps, feasible spans
     aesthetic(frames)                                        clean frames (the PickScore stand-in)
     temporal_following_strict(video, instruction)            evaluation only (the out-of-domain judge)
@@ -21,7 +21,7 @@ import torch
 
 from planner import format_plan
 from world import (BACKGROUND, CHUNK, DIRECTIONS, DURATION, MOVE_DIST, PALETTE, TOUCH_TOL, T, Det, ParseError, cosine, obj_cost,
-                   as_video, detect_events, gap, observe, parse, parse_step_prompt, perceive, simulate,
+                   as_video, chunks_needed, detect_events, gap, observe, parse, parse_step_prompt, perceive, simulate,
                    Step, step_prompts, track)
 
 # -----------------------------------------------------------------------------
@@ -168,17 +168,19 @@ def local_step_following(video, span, prev_step: str | None, next_step: str, gra
     return (0.5 * begun + 0.5 * done) * (0.5 if extra else 1.0)
 
 
-def local_step_continuing(video, span, step_prompt: str, under_way: bool, graded: bool = False) -> float:
-    """On a chunk inside a step (no prompt switch there; train.py's transition="any", not in the paper): half
-    for the step getting on if it is still under way by the script's timing (graded: how far it got within
-    this chunk; yes/no: one of its events runs through the chunk), or full marks for that half if it should
-    be done; the other half always; anything else starting in the chunk halves the score, as on the
-    transition chunk. Unasked size changes and stray moves, which the whole-video judge counts against
-    a video, are then charged to the chunk where they start."""
+def local_step_continuing(video, span, step_prompt: str, since: int, graded: bool = False) -> float:
+    """On a chunk inside a step that took over at frame `since` (no prompt switch in the chunk; train.py's
+    transition="any", not in the paper): half for the step getting on if it is still under way by the script's
+    timing (its kind's DURATION, in whole chunks from `since`; graded: how far it got within this chunk; yes/no:
+    one of its events runs through the chunk), or full marks for that half if it should be done; the other half
+    always; anything else starting in the chunk halves the score, as on the transition chunk. Unasked size
+    changes and stray moves, which the whole-video judge counts against a video, are then charged to the chunk
+    where they start."""
     view = _chunk_tracks(video, span, step_prompt)
     if view is None:
         return 0.0
     s, e, tracks, events, step, _, _ = view
+    under_way = s < since + chunks_needed(step.kind) * CHUNK
     mine = [ev for ev in events if ev.start < e and ev.end > s and _realises(step, ev, tracks, None, None, False, partial=True)]
     going = 1.0 if not under_way else _progress(step, tracks, s, e, fresh=False) if graded else float(bool(mine))
     extra = [ev for ev in events if s <= ev.start < e and ev not in mine]

@@ -797,7 +797,7 @@ def test_local_step_following_graded():
 
 def test_local_step_continuing():
     """The judge of a chunk inside a step (train.py's transition="any"): full marks on ground-truth renders,
-    whether the step is under way there or done; half for a move that stalls while it should be under way
+    whether the step is under way there or done by its kind's timing; half for a move that stalls while it should be under way
     (graded: no progress; yes/no: no event of the step runs through the chunk); and half where something
     else starts in the chunk, here the next step started a chunk early. Bad prompts and spans score 0."""
     from rewards import local_step_continuing
@@ -809,28 +809,27 @@ def test_local_step_continuing():
         for k, (prompt, a, b) in enumerate(plan):
             need = world.chunks_needed(steps[k].kind)
             for j in range(a // C + 1, b // C):  # the step's chunks after its first: no switch in them
-                uw = j < a // C + need
                 for graded in (True, False):
-                    assert local_step_continuing(v, (j * C, j * C + C), prompt, uw, graded=graded) == 1.0, (it, j)
-                under, done = under + uw, done + (not uw)
+                    assert local_step_continuing(v, (j * C, j * C + C), prompt, a, graded=graded) == 1.0, (it, j)
+                under, done = under + (j < a // C + need), done + (j >= a // C + need)
             if steps[k].kind == "move" and need >= 2:  # the move cut off after its first chunk: stalls in its second
                 ends = [world.T] * len(steps)
                 ends[k] = a + C
                 cut = world.render_script(objs, steps, starts, ends)
                 span = (a + C, a + 2 * C)
-                assert local_step_continuing(cut, span, prompt, True, graded=True) == 0.5
-                assert local_step_continuing(cut, span, prompt, True) == 0.5
+                assert local_step_continuing(cut, span, prompt, a, graded=True) == 0.5
+                assert local_step_continuing(cut, span, prompt, a) == 0.5
                 stalled += 1
             if k + 1 < len(plan) and b - a >= 2 * C:  # the next step starts a chunk before the plan says
                 st = starts[:k + 1] + [starts[k + 1] - C] + starts[k + 2:]
                 span = (starts[k + 1] - C, starts[k + 1])
                 if (span[0] - a) >= world.DURATION[steps[k].kind]:  # this step is done by then
-                    assert local_step_continuing(world.render_script(objs, steps, st), span, prompt, False) == 0.5
+                    assert local_step_continuing(world.render_script(objs, steps, st), span, prompt, a) == 0.5
                     early += 1
     assert min(under, done, stalled, early) >= 3, (under, done, stalled, early)
     v = world.render(ITEMS[0]["instruction"])
-    assert local_step_continuing(v, (3, 6), "a blue blob dances", True) == 0.0
-    assert local_step_continuing(v, (6, 3), ITEMS[0]["plan"][0][0], True) == 0.0
+    assert local_step_continuing(v, (3, 6), "a blue blob dances", 0) == 0.0
+    assert local_step_continuing(v, (6, 3), ITEMS[0]["plan"][0][0], 0) == 0.0
 
 
 def test_local_step_following_bounds_the_tracker(monkeypatch):

@@ -629,11 +629,7 @@ def judge(args):
             out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=graded)
         else:  # transition="any" branched inside a step: it should get on (if under way) and nothing else start
             step = [s for s in plan if start_chunk(s) <= sw][-1]  # the step under way (a plan's steps are in order)
-            try:  # by the script's timing: a kind needs world.DURATION frames, from the chunk its step starts in
-                under_way = sw < start_chunk(step) + world.chunks_needed(world.parse_step_prompt(step[0])[1].kind)
-            except world.ParseError:  # an unreadable step prompt: the judge scores it 0 either way
-                under_way = False
-            out["local"] = rewards.local_step_continuing(video, span, step[0], under_way, graded=graded)
+            out["local"] = rewards.local_step_continuing(video, span, step[0], start_chunk(step) * C, graded=graded)
         out["aesthetic"] = rewards.aesthetic(video[span[0]:span[1]])
     return out
 
