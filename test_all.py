@@ -1595,6 +1595,7 @@ def test_train_refuses_unknown_choices(tmp_path):
                        ("--num_minibatches=0", "error: num_minibatches must be an int >= 1, not 0"),
                        ("--max_steps=9", "error: max_steps must be an int >= 1 and <= 8 (the world's videos have that many chunks), not 9"),
                        ("--pair_frac=2", "error: pair_frac must be in [0, 1], not 2.0"),
+                       ("--start_frac=-0.5", "error: start_frac must be in [0, 1], not -0.5"),
                        ("--backbone=selfforcing --transition=any",
                         "error: transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step")):
         r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", *flag.split())
@@ -1728,6 +1729,42 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     assert [g["judge"]((gt, text, plan, j))["local"] for j in (3, 4, 5, 6, 7)] == [1.0] * 5
     early = world.render_script(objs, steps, [0, 9, 15])
     assert g["judge"]((early, text, plan, 5))["local"] == 0.5
+    # --start_frac: that share of groups branch at chunk 0 instead (one-step plans too), judged by the transition
+    # judge with no previous step: the first step should start there. A move that starts a chunk late gets half
+    glb["transition"], glb["start_frac"] = "first", 0.5
+    torch.manual_seed(0)
+    drawn = g["transition_chunks"]([three, three[:1]] * 20)
+    assert set(drawn[0::2]) == {0, 3} and set(drawn[1::2]) == {0, -1}, drawn
+    assert g["switch_steps"](plan, 0) == (None, plan[0][0])
+    assert g["judge"]((gt, text, plan, 0))["local"] == 1.0
+    assert g["judge"]((world.render_script(objs, steps, [3, 9, 18]), text, plan, 0))["local"] == 0.5
+
+
+def test_start_frac_rescores_the_first_chunk(tmp_path, monkeypatch):
+    """--start_frac=1: every execution group branches at chunk 0, which has no context. The group's
+    continuations differ from the first frame on, the update's forward (an empty context) re-scores exactly
+    what the stream sampled, and one update moves the weights with finite losses."""
+    import runpy
+    argv = ["train.py", *MICRO, "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
+            "--start_frac=1.0", "--train_planner=False", f"--out_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(A, "BACKEND", "torch")
+    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    N = g["N"]
+    plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)], [("a red circle grows", 0, 24)]]
+    lat, switch, ctx, xs, xn, lo = g["rollout"](plans, torch.Generator().manual_seed(3))
+    assert switch.tolist() == [0] * (2 * N)  # the one-step plan too
+    assert (lat[0, :g["C"]] - lat[1, :g["C"]]).abs().max() > 0.1  # no shared context
+    groups = g["update_groups"](switch)
+    logp_old, mean_ref = g["rescore"](groups, lat, ctx, xs, xn)
+    assert (lo != 0).all() and (logp_old - lo).abs().max() < 1e-4, (logp_old - lo).abs().max()
+    net = g["executor"]
+    before = [p.detach().clone() for p in net.parameters()]
+    r = torch.tensor([0.1, 0.9, 0.4, 0.2])  # a mock reward, named as such: only the update's arithmetic is tested
+    stats = g["executor_update"](groups, lat, ctx, xs, xn, logp_old, mean_ref, g["group_advantages"](r, N, std="group"))
+    assert stats["e_skipped"] == 0 and math.isfinite(stats["e_loss"]) and math.isfinite(stats["kl"]), stats
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

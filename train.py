@@ -79,6 +79,10 @@ transition = "first"      # the prompt switch an execution group branches at: fi
                           # paper: any chunk from the first switch on, drawn per plan; a chunk inside a step is judged by
                           # rewards.local_step_continuing, so unasked changes are charged to the chunk they start in;
                           # it gained half what first did and left the unasked changes as they were, EXPERIMENTS.md)
+start_frac = 0.0          # not in the paper: this share of execution groups (drawn per plan) branches at the video's start
+                          # instead: chunk 0 is the policy's, the group shares only its plan, and the local judge asks for
+                          # the first step to start there and nothing else. Every plan's first step starts at chunk 0,
+                          # which the paper's groups never explore; one-step plans then train the executor too
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
@@ -196,8 +200,9 @@ require_int("num_minibatches", num_minibatches, 1)
 require_int("ckpt_every", ckpt_every, 1)
 require_int("max_steps", max_steps, 1, world.T // world.CHUNK, why=" (the world's videos have that many chunks)")
 require_int("min_steps", min_steps, 1, max_steps)
-if not (isinstance(pair_frac, (int, float)) and 0 <= pair_frac <= 1):
-    die(f"pair_frac must be in [0, 1], not {pair_frac!r}")
+for name in ("pair_frac", "start_frac"):
+    if not (isinstance(globals()[name], (int, float)) and 0 <= globals()[name] <= 1):
+        die(f"{name} must be in [0, 1], not {globals()[name]!r}")
 if not (isinstance(planner_temperature, (int, float)) and planner_temperature > 0):
     die(f"planner_temperature must be > 0, not {planner_temperature!r}")
 # resuming: out_dir's run must be this one. Only how long and how it runs may change: a run that
@@ -375,7 +380,8 @@ if grad_ckpt:  # memory for one block's activations instead of all of them, for 
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
 C = executor.cfg.chunk_frames
-PC = max(1, min(policy_chunks or T // C, T // C - 1))  # policy chunks a row has at most: a switch is never in chunk 0
+PC = max(1, min(policy_chunks or T // C, T // C - (start_frac == 0)))  # policy chunks a row has at most: a switch is
+                                                                     # never in chunk 0, only the video's start
 S = PC * KP                                   # a row's recorded steps: chunk p's step k at p * KP + k
 state_path = os.path.join(out_dir, "state.pt")
 it, minutes_before = 0, 0.0
@@ -522,18 +528,21 @@ def start_chunk(step: tuple) -> int:
 def transition_chunks(plans: list) -> list[int]:
     """Per plan, the chunk its execution group branches at: where its second step starts (transition="first"),
     where one of its later steps starts (random), or any chunk from there to the end (any), the last two drawn
-    from the global generator; -1: no switch in the video."""
+    from the global generator; -1: no switch in the video. With start_frac, that share of plans (drawn) branch
+    at chunk 0, where the first step starts, one-step plans included."""
     starts = [sorted({start_chunk(s) for s in p[1:]} & set(range(T // C))) for p in plans]
     if transition == "any":
         starts = [list(range(js[0], T // C)) if js else [] for js in starts]
-    return [(js[0] if transition == "first" else js[int(torch.randint(len(js), ()))]) if js else -1 for js in starts]
+    at_start = (torch.rand(len(plans)) < start_frac).tolist() if start_frac > 0 else [False] * len(plans)
+    return [0 if first else (js[0] if transition == "first" else js[int(torch.randint(len(js), ()))]) if js else -1
+            for js, first in zip(starts, at_start)]
 
 
 @torch.no_grad()
 def rollout(plans: list, g: torch.Generator):
     """
     plans: P valid plans -> P*N rows (row r is continuation r % N of plan r // N).
-    Returns latents (R, T, c, h, w) float, the switch chunk per row (-1: one-step plan), the per-chunk
+    Returns latents (R, T, c, h, w) float, the switch chunk per row (-1: none, a one-step plan), the per-chunk
     contexts (R, chunks, L, D), and the policy's recorded steps, the first KP of each of the PC chunks from
     the switch on: xs, x_nexts (R, S, C, c, h, w), logp_old (R, S) (zeros past the video's end).
     """
@@ -613,19 +622,20 @@ def pixel_span(j: int) -> tuple[int, int]:
     return max(0, 4 * j * C - 3), 4 * (j + 1) * C - 3
 
 
-def switch_steps(plan, sw: int) -> tuple[str, str]:
-    """The step prompts on either side of the switch in transition chunk sw (the first step that starts there)."""
-    k = next(k for k in range(1, len(plan)) if start_chunk(plan[k]) == sw)
-    return plan[k - 1][0], plan[k][0]
+def switch_steps(plan, sw: int) -> tuple[str | None, str]:
+    """The step prompts on either side of the switch in transition chunk sw (the first step that starts there;
+    None before the first step, at chunk 0)."""
+    k = next(k for k in range(len(plan)) if start_chunk(plan[k]) == sw)
+    return plan[k - 1][0] if k else None, plan[k][0]
 
 
 def judge(args):
     """World judges for one continuation (runs in a worker process)."""
     video, instruction, plan, sw = args
     out = {"temporal": rewards.temporal_following(video, instruction)}
-    if sw >= 0:  # the transition chunk: the new step should start in it, the previous one be done
+    if sw >= 0:  # the transition chunk: the new step should start in it, the previous one (if any) be done
         span, graded = (sw * C, sw * C + C), local_reward == "graded"
-        if any(start_chunk(s) == sw for s in plan[1:]):
+        if any(start_chunk(s) == sw for s in plan):
             out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=graded)
         else:  # transition="any" branched inside a step: it should get on (if under way) and nothing else start
             step = [s for s in plan if start_chunk(s) <= sw][-1]  # the step under way (a plan's steps are in order)
