@@ -1487,6 +1487,30 @@ def _train(out, *args):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
+def _train_globals(monkeypatch, out, *flags) -> dict:
+    """train.py run in this process with --max_iters=0 (the models built, nothing trained): its globals, so a
+    test can call rollout, rescore and executor_update itself. The CPU product path, not the kernel's interpreter."""
+    import runpy
+    argv = ["train.py", *MICRO, "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
+            "--train_planner=False", f"--out_dir={out}", *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(A, "BACKEND", "torch")
+    return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+
+
+def _update_moves_weights(g, groups, lat, ctx, xs, xn, logp_old, mean_ref):
+    """One Flow-GRPO update on a mock reward (named as such: only the update's arithmetic is tested) takes
+    finite losses and moves the executor's weights."""
+    net = g["executor"]
+    before = [p.detach().clone() for p in net.parameters()]
+    r = torch.tensor([0.1, 0.9, 0.4, 0.2])
+    adv = g["group_advantages"](r, g["N"], std="group")
+    stats = g["executor_update"](groups, lat, ctx, xs, xn, logp_old, mean_ref, adv)
+    assert stats["e_skipped"] == 0 and math.isfinite(stats["e_loss"]) and math.isfinite(stats["kl"]), stats
+    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
+
+
 def _load_state(out):
     return torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=True)
 
@@ -1618,13 +1642,7 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
     from the same weights. Any update also shifts the proxy by itself (a second-order drift, the same for
     both signs), so the check is paired: evaluated on fixed noise, the run rewarded for a higher mean
     must end higher than the run rewarded for a lower one. A sign error or ignored advantages fails it."""
-    import runpy
-    argv = ["train.py", *MICRO, "--N=4", "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
-            "--executor_lr=1e-4", "--kl_beta=0", "--train_planner=False", f"--out_dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(A, "BACKEND", "torch")  # the CPU product path, not the kernel's interpreter
-    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    g = _train_globals(monkeypatch, tmp_path, "--N=4", "--executor_lr=1e-4", "--kl_beta=0")
     C, N, net, opt = g["C"], g["N"], g["executor"], g["e_opt"]
     plans = [g["stand_in_plan"](x) for x in g["instructions_for"](0)] * 4  # four execution groups
 
@@ -1681,13 +1699,7 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     of the video is the policy's. Each recorded step sits in its own chunk's slot: the update's full forward
     (chunk_steps, one per chunk) re-scores exactly what the stream sampled, unrecorded slots stay empty, and
     one update moves the weights with finite losses. Then --transition: which switch a group branches at."""
-    import runpy
-    argv = ["train.py", *MICRO, "--N=2", "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
-            "--policy_chunks=0", "--policy_steps=1", "--train_planner=False", f"--out_dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(A, "BACKEND", "torch")
-    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    g = _train_globals(monkeypatch, tmp_path, "--N=2", "--policy_chunks=0", "--policy_steps=1")
     nc, N = world.T // g["C"], g["N"]
     assert (g["KP"], g["PC"], g["S"]) == (1, nc - 1, nc - 1)  # a prompt switch is never in the first chunk
     plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)],
@@ -1697,16 +1709,10 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     for r, sw in enumerate(switch.tolist()):  # slot p holds chunk sw + p's first step, for as many chunks as are left
         assert (lo[r, :nc - sw] != 0).all() and (lo[r, nc - sw:] == 0).all(), (r, lo[r])
         assert (xs[r, :nc - sw].flatten(1).abs().amax(1) > 0).all() and (xs[r, nc - sw:] == 0).all()
-    rows = torch.arange(len(lat))
     groups = g["update_groups"](switch)
     logp_old, mean_ref = g["rescore"](groups, lat, ctx, xs, xn)
     assert (logp_old - lo).abs().max() < 1e-4, (logp_old - lo).abs().max()  # float32 on the CPU
-    net = g["executor"]
-    before = [p.detach().clone() for p in net.parameters()]
-    r = torch.tensor([0.1, 0.9, 0.4, 0.2])  # a mock reward, named as such: only the update's arithmetic is tested
-    stats = g["executor_update"](groups, lat[rows], ctx, xs, xn, logp_old, mean_ref, g["group_advantages"](r, N, std="group"))
-    assert stats["e_skipped"] == 0 and math.isfinite(stats["e_loss"]) and math.isfinite(stats["kl"]), stats
-    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
+    _update_moves_weights(g, groups, lat, ctx, xs, xn, logp_old, mean_ref)
     # --transition=random: an execution group branches at one of its plan's switches, drawn per plan (here at
     # chunk 3 or 6), and the local judge then sees the steps on either side of that switch
     three = [("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 18), ("the red circle grows", 18, 24)]
@@ -1744,13 +1750,7 @@ def test_start_frac_rescores_the_first_chunk(tmp_path, monkeypatch):
     """--start_frac=1: every execution group branches at chunk 0, which has no context. The group's
     continuations differ from the first frame on, the update's forward (an empty context) re-scores exactly
     what the stream sampled, and one update moves the weights with finite losses."""
-    import runpy
-    argv = ["train.py", *MICRO, "--sample_steps=3", "--max_iters=0", "--save_checkpoints=False",
-            "--start_frac=1.0", "--train_planner=False", f"--out_dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(A, "BACKEND", "torch")
-    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    g = _train_globals(monkeypatch, tmp_path, "--start_frac=1.0")
     N = g["N"]
     plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)], [("a red circle grows", 0, 24)]]
     lat, switch, ctx, xs, xn, lo = g["rollout"](plans, torch.Generator().manual_seed(3))
@@ -1759,12 +1759,7 @@ def test_start_frac_rescores_the_first_chunk(tmp_path, monkeypatch):
     groups = g["update_groups"](switch)
     logp_old, mean_ref = g["rescore"](groups, lat, ctx, xs, xn)
     assert (lo != 0).all() and (logp_old - lo).abs().max() < 1e-4, (logp_old - lo).abs().max()
-    net = g["executor"]
-    before = [p.detach().clone() for p in net.parameters()]
-    r = torch.tensor([0.1, 0.9, 0.4, 0.2])  # a mock reward, named as such: only the update's arithmetic is tested
-    stats = g["executor_update"](groups, lat, ctx, xs, xn, logp_old, mean_ref, g["group_advantages"](r, N, std="group"))
-    assert stats["e_skipped"] == 0 and math.isfinite(stats["e_loss"]) and math.isfinite(stats["kl"]), stats
-    assert any((p.detach() - b).abs().max() > 0 for p, b in zip(net.parameters(), before))
+    _update_moves_weights(g, groups, lat, ctx, xs, xn, logp_old, mean_ref)
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

@@ -3,10 +3,10 @@ TempAct: planner-executor RL that makes an autoregressive video model follow tem
 instructions. One iteration, for each instruction of the batch (SPEC "The TempAct loop"):
 
   1. the planner samples M plans (the planning group), keeping their token log-probs;
-  2. per plan, the executor streams the shared context up to the first prompt switch (or, with
-     transition="random", not in the paper, one drawn at random), then N continuations (the execution
-     group): the transition chunk's denoising steps are sampled from the policy's Gaussian and their
-     log-probs recorded, the rest runs to the end of the video
+  2. per plan, the executor streams the shared context up to the first prompt switch (or, not in the
+     paper, with transition="random" one drawn at random, with start_frac the video's start), then N
+     continuations (the execution group): the transition chunk's denoising steps are sampled from the
+     policy's Gaussian and their log-probs recorded, the rest runs to the end of the video
      (policy_chunks, policy_steps: not in the paper, the later chunks' steps can be the policy's too);
   3. rewards: plan quality + temporal following (mean over the N continuations) for the planner;
      local step following + aesthetic on the transition chunk for the executor, plus (w_exec_temporal;
