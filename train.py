@@ -82,7 +82,8 @@ transition = "first"      # the prompt switch an execution group branches at: fi
 start_frac = 0.0          # not in the paper: this share of execution groups (drawn per plan) branches at the video's start
                           # instead: chunk 0 is the policy's, the group shares only its plan, and the local judge asks for
                           # the first step to start there and nothing else. Every plan's first step starts at chunk 0,
-                          # which the paper's groups never explore; one-step plans then train the executor too
+                          # which the paper's groups never explore; one-step plans then train the executor too (0.5 on
+                          # the world: not told apart from 0, and the first chunk came out as before, EXPERIMENTS.md)
 # planner (GSPO)
 planner_lr = 3e-5
 planner_temperature = 1.0
