@@ -382,7 +382,7 @@ p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9,
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
 C = executor.cfg.chunk_frames
 PC = max(1, min(policy_chunks or T // C, T // C - (start_frac == 0)))  # policy chunks a row has at most: a switch is
-                                                                     # never in chunk 0, only the video's start
+                                                                     # never in chunk 0, where only start_frac's groups begin
 S = PC * KP                                   # a row's recorded steps: chunk p's step k at p * KP + k
 state_path = os.path.join(out_dir, "state.pt")
 it, minutes_before = 0, 0.0
