@@ -1390,9 +1390,17 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _run(*args, cwd=ROOT):
+    return _run_all(args, cwd=cwd)[0]
+
+
+def _run_all(*commands, cwd=ROOT):
+    """Each command (a script and its arguments) in its own Python, all at once so the cores share them."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)  # the product path on a CPU: the PyTorch attention
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    procs = [subprocess.Popen([sys.executable, *c], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in commands]
+    outs = [p.communicate(timeout=300) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -1565,11 +1573,12 @@ def test_train_two_iterations_and_resume(tmp_path):
 def test_bench_quality_refuses_bad_rows(tmp_path):
     # one clear line, and before any row is scored: a bad last row does not cost the minutes of the rows before it
     missing = tmp_path / "nothere"
-    for args, line in ((["--eval_seeds=0"], "error: --eval_seeds must be at least 1, got 0"),
-                       (["--rows=planner,plan"], "error: row 'plan': unknown kind 'plan' (global, planner or gt)"),
-                       ([f"--rows=planner,planner@{missing}"], f"error: missing executor checkpoint "
-                        f"{missing}/world_executor.safetensors: run pretrain.py (README) or pass --checkpoints")):
-        r = _run("bench.py", "--quality", "--device=cpu", *args)
+    cases = ((["--eval_seeds=0"], "error: --eval_seeds must be at least 1, got 0"),
+             (["--rows=planner,plan"], "error: row 'plan': unknown kind 'plan' (global, planner or gt)"),
+             ([f"--rows=planner,planner@{missing}"], f"error: missing executor checkpoint "
+              f"{missing}/world_executor.safetensors: run pretrain.py (README) or pass --checkpoints"))
+    runs = _run_all(*[("bench.py", "--quality", "--device=cpu", *args) for args, _ in cases])
+    for (args, line), r in zip(cases, runs):
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [line] and r.stdout == "", (r.stdout, r.stderr)
 
 
@@ -1609,22 +1618,23 @@ def test_bench_quality_mixes_planner_and_executor(tmp_path):
 
 def test_train_refuses_unknown_choices(tmp_path):
     # a mistyped option gets one clear line before anything is loaded or written, not a traceback mid-run
-    for flag, line in (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
-                       ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'"),
-                       ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
-                       ("--policy_steps=5", "error: policy_steps must be an int >= 0 and <= 1 (0: all 1, every step of a chunk but the last), not 5"),
-                       ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2"),
-                       ("--transition=last", "error: transition must be first, random or any, not 'last'"),
-                       ("--M=1", "error: M must be an int >= 2 (1 only with --train_planner=False), not 1"),
-                       ("--num_minibatches=0", "error: num_minibatches must be an int >= 1, not 0"),
-                       ("--max_steps=9", "error: max_steps must be an int >= 1 and <= 8 (the world's videos have that many chunks), not 9"),
-                       ("--pair_frac=2", "error: pair_frac must be in [0, 1], not 2.0"),
-                       ("--start_frac=-0.5", "error: start_frac must be in [0, 1], not -0.5"),
-                       ("--backbone=selfforcing --transition=any",
-                        "error: transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step")):
-        r = _run("train.py", *MICRO, f"--out_dir={tmp_path / 'x'}", *flag.split())
-        assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], r.stderr[-500:]
-        assert not os.path.exists(tmp_path / "x")
+    cases = (("--smoothing=blend", "error: smoothing must be ramp or none, not 'blend'"),
+             ("--adv_std=std", "error: adv_std must be group, batch or none, not 'std'"),
+             ("--instructions=-1", "error: instructions must be positive (or 0 for the backbone's default), not -1"),
+             ("--policy_steps=5", "error: policy_steps must be an int >= 0 and <= 1 (0: all 1, every step of a chunk but the last), not 5"),
+             ("--policy_chunks=-2", "error: policy_chunks must be an int >= 0 (0: all), not -2"),
+             ("--transition=last", "error: transition must be first, random or any, not 'last'"),
+             ("--M=1", "error: M must be an int >= 2 (1 only with --train_planner=False), not 1"),
+             ("--num_minibatches=0", "error: num_minibatches must be an int >= 1, not 0"),
+             ("--max_steps=9", "error: max_steps must be an int >= 1 and <= 8 (the world's videos have that many chunks), not 9"),
+             ("--pair_frac=2", "error: pair_frac must be in [0, 1], not 2.0"),
+             ("--start_frac=-0.5", "error: start_frac must be in [0, 1], not -0.5"),
+             ("--backbone=selfforcing --transition=any",
+              "error: transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step"))
+    runs = _run_all(*[("train.py", *MICRO, f"--out_dir={tmp_path / str(i)}", *flag.split()) for i, (flag, _) in enumerate(cases)])
+    for i, ((flag, line), r) in enumerate(zip(cases, runs)):
+        assert r.returncode != 0 and r.stderr.strip().splitlines() == [line], (flag, r.stderr[-500:])
+        assert not os.path.exists(tmp_path / str(i)), flag
 
 
 def test_train_survives_bad_plans_and_nan(tmp_path):
