@@ -1523,6 +1523,24 @@ def _load_state(out):
     return torch.load(os.path.join(out, "state.pt"), map_location="cpu", weights_only=True)
 
 
+def _moved(state, part: str) -> bool:
+    """Whether a run's saved executor or planner differs anywhere from the shipped base model it started from."""
+    from safetensors.torch import load_file
+    base = (M.read_state_dict(os.path.join(ROOT, "checkpoints", "world_executor.safetensors"))[0] if part == "executor"
+            else load_file(os.path.join(ROOT, "checkpoints", "world_planner", "model.safetensors")))
+    return any(not torch.equal(state[part][k].float(), v.float()) for k, v in base.items())
+
+
+def test_ablations_train_only_what_they_say(tmp_path):
+    # --train_planner=False / --train_executor=False: one iteration each (run together), the other model moves alone
+    runs = [(tmp_path / "p", "--train_planner=False"), (tmp_path / "e", "--train_executor=False")]
+    for r in _run_all(*[("train.py", *MICRO, f"--out_dir={out}", "--max_iters=1", flag) for out, flag in runs]):
+        assert r.returncode == 0, r.stderr[-800:]
+    sp, se = _load_state(tmp_path / "p"), _load_state(tmp_path / "e")
+    assert _moved(sp, "executor") and not _moved(sp, "planner")
+    assert _moved(se, "planner") and not _moved(se, "executor")
+
+
 def test_train_two_iterations_and_resume(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     log = _train(a, "--max_iters=2")
@@ -1532,12 +1550,8 @@ def test_train_two_iterations_and_resume(tmp_path):
         assert r["logp_rollout_gap"] < 1e-4  # streamed sampling and the update's full forward agree (float32)
         # the executor's reward (defaults): local step following + 0.2 aesthetic + its continuation's temporal score
         assert r["r_exec"] == pytest.approx(r["r_local"] + 0.2 * r["r_aesthetic"] + r["r_exec_temporal"], abs=3e-4), r
-    base_exec = M.read_state_dict(os.path.join(ROOT, "checkpoints", "world_executor.safetensors"))[0]
-    from safetensors.torch import load_file
-    base_plan = load_file(os.path.join(ROOT, "checkpoints", "world_planner", "model.safetensors"))
     sa = _load_state(a)
-    assert any((sa["executor"][k].float() - v.float()).abs().max() > 0 for k, v in base_exec.items())
-    assert any((sa["planner"][k].float() - v.float()).abs().max() > 0 for k, v in base_plan.items())
+    assert _moved(sa, "executor") and _moved(sa, "planner")
     # killed after its first checkpoint: the resumed run reaches the same state as the uninterrupted one
     _train(b, "--max_iters=1")
     r = _run("train.py", *MICRO, f"--out_dir={b}", "--max_iters=2")
@@ -1685,15 +1699,18 @@ def test_executor_update_climbs_a_proxy_reward(tmp_path, monkeypatch):
     glb["noise_level"] = 1e-6
     # (later_noise shared after an own transition chunk is not checked this way: the later chunks then share their
     # noise but see different transition chunks in the cache, so they differ anyway)
-    for trans, later in (("own", "own"), ("shared", "own"), ("shared", "shared")):
-        glb["transition_noise"], glb["later_noise"] = trans, later
+    # --flat_groups=True (an ablation) shares nothing: every row draws its own context too
+    for trans, later, flat in (("own", "own", False), ("shared", "own", False), ("shared", "shared", False),
+                               ("own", "own", True)):
+        glb["transition_noise"], glb["later_noise"], glb["flat_groups"] = trans, later, flat
         lat, switch = g["rollout"](plans[:1], torch.Generator().manual_seed(7))[:2]  # one execution group
         for r in range(len(lat)):
             sw, first = int(switch[r]), lat[r - r % N]
             diff = [(lat[r, j * C:(j + 1) * C] - first[j * C:(j + 1) * C]).abs().max().item() for j in range(len(lat[r]) // C)]
-            want_same = [sw < 0 or j < sw or (j == sw and trans == "shared") or (j > sw and later == "shared")
+            want_same = [not flat and (sw < 0 or j < sw or (j == sw and trans == "shared") or (j > sw and later == "shared"))
                          for j in range(len(diff))]
-            assert all((d < 1e-3) == same for d, same in zip(diff, want_same) if r % N), (trans, later, r, sw, diff)
+            assert all((d < 1e-3) == same for d, same in zip(diff, want_same) if r % N), (trans, later, flat, r, sw, diff)
+    glb["flat_groups"] = False
     # --pair_frac=1: every training instruction has two objects and a two-object step, as Hard's do (at 0 not all)
     def hard_like(x):
         objs, steps = world.parse(x)
