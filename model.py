@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -568,6 +568,32 @@ def ode_sigmas(steps: int = 10, shift: float = 3.0) -> torch.Tensor:
     """`steps` Euler steps through the shifted schedule, from sigma = 1 down to (not including) 0."""
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
     return (shift * u / (1 + (shift - 1) * u)).float()
+
+
+def chunk_noise_levels(B: int, chunks: int, shift: float, clean_frac: float, prefix_frac: float, device) -> torch.Tensor:
+    """Diffusion forcing's training noise, one sigma per chunk: u ~ U(0, 1) warped by the shift; clean_frac of the
+    chunks clean, and for prefix_frac of the clips a random number of first chunks clean too (teacher forcing, the
+    context as the KV cache shows it at generation time). -> (B, chunks)"""
+    u = torch.rand(B, chunks, device=device)
+    sigma = shift * u / (1 + (shift - 1) * u)
+    prefix = torch.randint(0, chunks, (B, 1), device=device) * (torch.rand(B, 1, device=device) < prefix_frac)
+    clean = (torch.rand(B, chunks, device=device) < clean_frac) | (torch.arange(chunks, device=device) < prefix)
+    return torch.where(clean, torch.zeros_like(sigma), sigma)
+
+
+def flow_matching_loss(net, x0, sigma, context, autocast=None) -> torch.Tensor:
+    """The executor's pre-training loss. x0 (B, T, c, h, w), sigma (B, chunks), context (B, chunks, L, D): one prompt
+    per chunk. x_t = (1 - sigma) x0 + sigma eps, and the model predicts v = eps - x0; the mean squared error over
+    the noisy frames (clean ones are context and carry no target)."""
+    sigma = sigma.repeat_interleave(net.cfg.chunk_frames, dim=1)  # (B, T): a compiled net passes .cfg through
+    eps = torch.randn_like(x0)
+    s = sigma[:, :, None, None, None]
+    xt = (1 - s) * x0 + s * eps
+    with autocast or nullcontext():
+        v = net(xt, 1000 * sigma, context)  # (B, T, c, h, w)
+    err = (v.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, T)
+    noisy = (sigma > 0).float()
+    return (err * noisy).sum() / noisy.sum().clamp(min=1)
 
 
 def gaussian_logp(x, mean, std) -> torch.Tensor:

@@ -85,8 +85,8 @@ for name, least in (("batch_size", 1), ("ckpt_every", 1), ("log_every", 1), ("ma
 
 import world  # noqa: E402
 from planner import PLAIN_SEP, format_plan, tiny_qwen3  # noqa: E402
-from model import (CONFIGS, CheckpointError, WanDiT, encode_text, load_state, read_state_dict,  # noqa: E402
-                   save_pretrained, save_safetensors, save_state, tiny_text_encoder, to_device)
+from model import (CONFIGS, CheckpointError, WanDiT, chunk_noise_levels, encode_text, flow_matching_loss,  # noqa: E402
+                   load_state, read_state_dict, save_pretrained, save_safetensors, save_state, tiny_text_encoder, to_device)
 
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
@@ -171,28 +171,15 @@ def batches(example_fn, start: int):
 
 
 def executor_loss(net, text_enc, videos, captions):
-    cfg = net.cfg
     x0 = videos.to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float() / 127.5 - 1  # (B, T, 3, H, W)
-    B, nf = x0.shape[:2]
-    nc = nf // cfg.chunk_frames
-    u = torch.rand(B, nc, device=device)
-    sigma = train_shift * u / (1 + (train_shift - 1) * u)  # (B, chunks)
-    prefix = torch.randint(0, nc, (B, 1), device=device) * (torch.rand(B, 1, device=device) < clean_prefix_frac)
-    clean = (torch.rand(B, nc, device=device) < clean_chunk_frac) | (torch.arange(nc, device=device) < prefix)
-    sigma = torch.where(clean, torch.zeros_like(sigma), sigma)
-    sigma = sigma.repeat_interleave(cfg.chunk_frames, dim=1)  # (B, T) one level per chunk
-    eps = torch.randn_like(x0)
-    s = sigma[:, :, None, None, None]
-    xt = (1 - s) * x0 + s * eps  # flow matching: x_t = (1 - sigma) x0 + sigma eps
+    sigma = chunk_noise_levels(len(x0), x0.shape[1] // net.cfg.chunk_frames, train_shift, clean_chunk_frac,
+                               clean_prefix_frac, device)  # (B, chunks)
     with autocast:
         unique = sorted(set(c for caps in captions for c in caps))  # encode each distinct caption once
-        states = encode_text(text_enc, tokenizer, unique, cfg.text_len, device)  # (U, Lt, text_dim)
-        where = {c: j for j, c in enumerate(unique)}
-        index = to_device(torch.tensor([[where[c] for c in caps] for caps in captions]), device)  # (B, chunks)
-        v = net(xt, 1000 * sigma, states[index])  # per-chunk prompts (B, chunks, Lt, text_dim) -> (B, T, 3, H, W)
-    err = (v.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, T); the model predicts v = eps - x0
-    noisy = (sigma > 0).float()  # clean context frames carry no target
-    return (err * noisy).sum() / noisy.sum().clamp(min=1)
+        states = encode_text(text_enc, tokenizer, unique, net.cfg.text_len, device)  # (U, Lt, text_dim)
+    where = {c: j for j, c in enumerate(unique)}
+    index = to_device(torch.tensor([[where[c] for c in caps] for caps in captions]), device)  # (B, chunks)
+    return flow_matching_loss(net, x0, sigma, states[index], autocast)  # per-chunk prompts (B, chunks, Lt, text_dim)
 
 
 def train_executor():

@@ -1793,6 +1793,39 @@ def test_start_frac_rescores_the_first_chunk(tmp_path, monkeypatch):
     _update_moves_weights(g, groups, lat, ctx, xs, xn, logp_old, mean_ref)
 
 
+def test_sft_selects_the_best_and_fits_it(tmp_path, monkeypatch):
+    """--sft_lr (RAFT, not in the paper): best_of keeps each instruction's best row where it beats the
+    instruction's mean; a step of sft_update's flow matching (pretrain.py's loss) on rollouts lowers that loss at
+    the noise it drew, and the second optimizer's state is saved and comes back on resume."""
+    g = _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
+    best_of = g["best_of"]
+    r = torch.tensor([0.1, 0.9, 0.4, 0.9, 0.5, 0.5, 0.2, 0.3])
+    assert best_of(r, [0, 0, 0, 0, 1, 1, 2, 2]).tolist() == [1, 7]  # ties: the first; instruction 1 ties throughout
+    assert best_of(torch.zeros(0), []).tolist() == []
+    plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)]]
+    lat, _, ctx, *_ = g["rollout"](plans, torch.Generator().manual_seed(3))
+    net, C = g["executor"], g["C"]
+
+    def loss(seed: int) -> float:  # sft_update's own draws: the shuffle, a noise level per chunk, the noise
+        torch.manual_seed(seed)
+        idx = g["batches_of"](len(lat))[0]
+        sigma = M.chunk_noise_levels(len(idx), lat.shape[1] // C, 3.0, 0.25, 0.5, "cpu")
+        with torch.no_grad():
+            return M.flow_matching_loss(net, lat[idx], sigma, ctx[idx]).item()
+
+    for seed in (0, 1):  # one step (one minibatch) at a small rate lowers the loss at the noise it was taken with
+        before = loss(seed)
+        torch.manual_seed(seed)
+        stats = g["sft_update"](lat, ctx)
+        assert stats["sft_skipped"] == 0 and stats["sft_rows"] == len(lat)
+        assert stats["sft_loss"] == pytest.approx(before, rel=1e-5) and loss(seed) < before, (loss(seed), before)
+    assert g["sft_update"](None, None)["sft_rows"] == 0  # a rank with no rows still takes the steps
+    g["save_checkpoint"]()
+    saved = _load_state(tmp_path)["s_opt"]
+    g2 = _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
+    assert g2["it"] == 0 and g2["s_opt"].state_dict()["state"][0]["step"] == saved["state"][0]["step"] == 2
+
+
 def test_train_ddp_two_processes_gloo(tmp_path):
     # torchrun on the CPU: two ranks, gloo, one iteration; each rank its own instructions, weights kept equal,
     # also when one rank's one-step instruction leaves it no prompt switch, so no executor rows to learn from

@@ -107,6 +107,10 @@ kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
 w_exec_temporal = 1.0     # the continuation's whole-video temporal score in the executor's reward too: what its
                           # transition chunk leads to (the paper judges that chunk alone: 0; 1 did better, 3 no better, EXPERIMENTS.md)
+sft_lr = 0.0              # not in the paper (RAFT, Dong et al. 2023): after the Flow-GRPO steps, flow matching (pretrain.py's
+                          # loss) on each instruction's best continuation by the executor's reward, its whole video under its
+                          # own plan's prompts, num_minibatches steps of a second AdamW at this rate; 0: off. Flow-GRPO's
+                          # signal reaches the transition chunk's steps only, this one every chunk (the world only)
 local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
@@ -180,6 +184,8 @@ master = rank == 0
 cuda = device.startswith("cuda")
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 real = backbone != "world"
+if real and sft_lr:
+    die("sft_lr needs the world: the distilled real executors were not trained by flow matching")
 if real and transition == "any":
     die("transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step")
 instructions = config["instructions"] = instructions or (8 if real else 32)
@@ -380,6 +386,7 @@ if grad_ckpt:  # memory for one block's activations instead of all of them, for 
     (enable or planner.model.gradient_checkpointing_enable)({"use_reentrant": False})  # ... older ones have only this
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
+s_opt = torch.optim.AdamW(executor.parameters(), lr=sft_lr, betas=(0.9, 0.99), weight_decay=0.0) if sft_lr else None
 C = executor.cfg.chunk_frames
 PC = max(1, min(policy_chunks or T // C, T // C - (start_frac == 0)))  # policy chunks a row has at most: a switch is
                                                                      # never in chunk 0, where only start_frac's groups begin
@@ -404,6 +411,8 @@ if state is not None:
         p_opt.load_state_dict(state["p_opt"])
     executor.load_state_dict(state["executor"])
     e_opt.load_state_dict(state["e_opt"])
+    if s_opt is not None:
+        s_opt.load_state_dict(state["s_opt"])
     it, minutes_before = state["iter"], state.get("minutes", 0.0)
     if master:
         print(f"resumed from iteration {it} ({minutes_before:.1f} minutes trained)")
@@ -420,7 +429,7 @@ def save_checkpoint():
         return
     os.makedirs(out_dir, exist_ok=True)
     state = {"planner": p_sd, "executor": executor.state_dict(), "p_opt": p_opt_sd,
-             "e_opt": e_opt.state_dict(), "iter": it, "minutes": (time.time() - t_start) / 60, "config": config}
+             "e_opt": e_opt.state_dict(), **({"s_opt": s_opt.state_dict()} if s_opt else {}), "iter": it, "minutes": (time.time() - t_start) / 60, "config": config}
     Mod.save_state(state, state_path)
     name = "executor" if real else "world_executor"
     Mod.save_pretrained(executor, os.path.join(out_dir, f"{name}.safetensors"), extra={"iter": it},
@@ -770,6 +779,40 @@ def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
     return {k: v / len(groups) if k in ("e_loss", "kl", "e_clip_frac") else v for k, v in stats.items()}
 
 
+def best_of(r: torch.Tensor, key: list) -> torch.Tensor:
+    """RAFT's selection: per key (an instruction), the position of its highest reward in r, the first on ties, where
+    it beats the key's mean (a key whose rows all tie has nothing to teach). r (n,), key (n,) -> positions (k,)."""
+    best, total, count = {}, {}, {}
+    for q, k in enumerate(key):
+        best[k] = q if k not in best or r[q] > r[best[k]] else best[k]
+        total[k], count[k] = total.get(k, 0.0) + float(r[q]), count.get(k, 0) + 1
+    return torch.tensor([q for k, q in best.items() if float(r[q]) > total[k] / count[k] + 1e-6], dtype=torch.long)
+
+
+def sft_update(lat, ctx):
+    """sft_lr (not in the paper): flow matching on the selected continuations' whole videos, as pretrain.py trained
+    the executor (a noise level per chunk, some chunks clean), in num_minibatches steps of s_opt.
+    lat (B, T, c, h, w), ctx (B, chunks, L, D), or None for none."""
+    n = 0 if lat is None else len(lat)
+    stats = {"sft_loss": 0.0, "sft_rows": n, "sft_skipped": 0}
+    executor.train()
+    for idx in batches_of(n):
+        if len(idx):
+            i = idx.to(device)
+            sigma = Mod.chunk_noise_levels(len(i), T // C, sample_shift, 0.25, 0.5, device)  # pretrain.py's fractions
+            loss = Mod.flow_matching_loss(executor, lat[i], sigma, ctx[i], autocast)
+            if torch.isfinite(loss):
+                loss.backward()
+                stats["sft_loss"] += loss.item() / num_minibatches
+            else:
+                stats["sft_skipped"] += 1
+        sync_grads(executor.parameters())
+        torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
+        s_opt.step()
+        s_opt.zero_grad(set_to_none=True)
+    return stats
+
+
 def planner_update(samples, adv):
     """GSPO (planner.gspo_loss) in num_minibatches steps. Under FSDP2 every rank runs every backward (the
     gradients are reduce-scattered), so a non-finite loss backpropagates zero and a non-finite gradient
@@ -952,6 +995,9 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
         elif ddp:  # nothing to learn from here; still join the other ranks' all-reduces and take their
             # optimizer steps (AdamW moves weights even on a zero gradient), or the weights drift apart
             stats |= executor_update([[] for _ in range(num_minibatches)], None, None, None, None, None, None, None)
+        if sft_lr:  # each instruction's best continuation, among this rank's own rows (none: the steps still run)
+            sel = best_of(r_exec, [valid[r // N] // M for r in rows.tolist()]).to(device)
+            stats |= sft_update(lat[d][sel] if len(sel) else None, ctx[d][sel] if len(sel) else None)
     sync()
     t4, mem["update"] = time.time(), peak_gb()
 
