@@ -12,7 +12,8 @@ instructions. One iteration, for each instruction of the batch (SPEC "The TempAc
      local step following + aesthetic on the transition chunk for the executor, plus (w_exec_temporal;
      not in the paper, which has it at 0) the temporal following of the continuation's own video;
   4. GSPO for the planner (advantages within the M plans); Flow-GRPO for the executor on the
-     transition chunk (advantages within each group of N, clipped ratio, KL to the frozen base).
+     transition chunk (advantages within each group of N, clipped ratio, KL to the frozen base); not in
+     the paper, sft_lr adds RAFT: flow matching on each instruction's best continuation, every chunk.
 
     python train.py                                            # the shapes world, one GPU or the CPU
     torchrun --standalone --nproc_per_node=4 train.py          # K GPUs: each rank its own instructions
@@ -428,8 +429,9 @@ def save_checkpoint():
     if not master:
         return
     os.makedirs(out_dir, exist_ok=True)
-    state = {"planner": p_sd, "executor": executor.state_dict(), "p_opt": p_opt_sd,
-             "e_opt": e_opt.state_dict(), **({"s_opt": s_opt.state_dict()} if s_opt else {}), "iter": it, "minutes": (time.time() - t_start) / 60, "config": config}
+    state = {"planner": p_sd, "executor": executor.state_dict(), "p_opt": p_opt_sd, "e_opt": e_opt.state_dict(),
+             **({"s_opt": s_opt.state_dict()} if s_opt else {}), "iter": it, "minutes": (time.time() - t_start) / 60,
+             "config": config}
     Mod.save_state(state, state_path)
     name = "executor" if real else "world_executor"
     Mod.save_pretrained(executor, os.path.join(out_dir, f"{name}.safetensors"), extra={"iter": it},
