@@ -570,10 +570,11 @@ def ode_sigmas(steps: int = 10, shift: float = 3.0) -> torch.Tensor:
     return (shift * u / (1 + (shift - 1) * u)).float()
 
 
-def chunk_noise_levels(B: int, chunks: int, shift: float, clean_frac: float, prefix_frac: float, device) -> torch.Tensor:
+def chunk_noise_levels(B: int, chunks: int, shift: float = 3.0, clean_frac: float = 0.25, prefix_frac: float = 0.5,
+                       device=None) -> torch.Tensor:
     """Diffusion forcing's training noise, one sigma per chunk: u ~ U(0, 1) warped by the shift; clean_frac of the
     chunks clean, and for prefix_frac of the clips a random number of first chunks clean too (teacher forcing, the
-    context as the KV cache shows it at generation time). -> (B, chunks)"""
+    context as the KV cache shows it at generation time). The defaults are pretrain.py's. -> (B, chunks)"""
     u = torch.rand(B, chunks, device=device)
     sigma = shift * u / (1 + (shift - 1) * u)
     prefix = torch.randint(0, chunks, (B, 1), device=device) * (torch.rand(B, 1, device=device) < prefix_frac)

@@ -1819,7 +1819,7 @@ def test_sft_selects_the_best_and_fits_it(tmp_path, monkeypatch):
     def loss(seed: int) -> float:  # sft_update's own draws: the shuffle, a noise level per chunk, the noise
         torch.manual_seed(seed)
         idx = g["batches_of"](len(lat))[0]
-        sigma = M.chunk_noise_levels(len(idx), lat.shape[1] // C, 3.0, 0.25, 0.5, "cpu")
+        sigma = M.chunk_noise_levels(len(idx), lat.shape[1] // C, g["sample_shift"])
         with torch.no_grad():
             return M.flow_matching_loss(net, lat[idx], sigma, ctx[idx]).item()
 

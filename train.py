@@ -801,7 +801,7 @@ def sft_update(lat, ctx):
     for idx in batches_of(n):
         if len(idx):
             i = idx.to(device)
-            sigma = Mod.chunk_noise_levels(len(i), T // C, sample_shift, 0.25, 0.5, device)  # pretrain.py's fractions
+            sigma = Mod.chunk_noise_levels(len(i), T // C, sample_shift, device=device)  # (B, chunks) as pre-training drew them
             loss = Mod.flow_matching_loss(executor, lat[i], sigma, ctx[i], autocast)
             if torch.isfinite(loss):
                 loss.backward()
