@@ -582,18 +582,21 @@ def chunk_noise_levels(B: int, chunks: int, shift: float = 3.0, clean_frac: floa
     return torch.where(clean, torch.zeros_like(sigma), sigma)
 
 
-def flow_matching_loss(net, x0, sigma, context, autocast=None) -> torch.Tensor:
+def flow_matching_loss(net, x0, sigma, context, autocast=None, eps=None, per_row=False) -> torch.Tensor:
     """The executor's pre-training loss. x0 (B, T, c, h, w), sigma (B, chunks), context (B, chunks, L, D): one prompt
     per chunk. x_t = (1 - sigma) x0 + sigma eps, and the model predicts v = eps - x0; the mean squared error over
-    the noisy frames (clean ones are context and carry no target)."""
+    the noisy frames (clean ones are context and carry no target). eps: the noise (drawn if None); per_row: each
+    row's own mean (B,) instead of the batch's, as Diffusion-DPO compares rows."""
     sigma = sigma.repeat_interleave(net.cfg.chunk_frames, dim=1)  # (B, T): a compiled net passes .cfg through
-    eps = torch.randn_like(x0)
+    eps = torch.randn_like(x0) if eps is None else eps
     s = sigma[:, :, None, None, None]
     xt = (1 - s) * x0 + s * eps
     with autocast or nullcontext():
         v = net(xt, 1000 * sigma, context)  # (B, T, c, h, w)
     err = (v.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, T)
     noisy = (sigma > 0).float()
+    if per_row:
+        return (err * noisy).sum(1) / noisy.sum(1).clamp(min=1)  # (B,)
     return (err * noisy).sum() / noisy.sum().clamp(min=1)
 
 

@@ -1654,7 +1654,10 @@ def test_train_refuses_unknown_choices(tmp_path, monkeypatch, capsys):
              ("--backbone=selfforcing --transition=any",
               "error: transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step"),
              ("--backbone=selfforcing --sft_lr=1e-5",
-              "error: sft_lr needs the world: the distilled real executors were not trained by flow matching"))
+              "error: sft_lr needs the world: the distilled real executors were not trained by flow matching"),
+             ("--backbone=selfforcing --dpo_lr=1e-5",
+              "error: dpo_lr needs the world: the distilled real executors were not trained by flow matching"),
+             ("--sft_lr=1e-5 --dpo_lr=1e-5", "error: sft_lr and dpo_lr share one optimizer: set one of them"))
     import runpy
     monkeypatch.chdir(ROOT)
     for i, (flag, line) in enumerate(cases):
@@ -1831,9 +1834,41 @@ def test_sft_selects_the_best_and_fits_it(tmp_path, monkeypatch):
         assert stats["sft_loss"] == pytest.approx(before, rel=1e-5) and loss(seed) < before, (loss(seed), before)
     assert g["sft_update"](None, None)["sft_rows"] == 0  # a rank with no rows still takes the steps
     g["save_checkpoint"]()
-    saved = _load_state(tmp_path)["s_opt"]
+    saved = _load_state(tmp_path)["a_opt"]
     g2 = _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
-    assert g2["it"] == 0 and g2["s_opt"].state_dict()["state"][0]["step"] == saved["state"][0]["step"] == 2
+    assert g2["it"] == 0 and g2["a_opt"].state_dict()["state"][0]["step"] == saved["state"][0]["step"] == 2
+
+
+def test_dpo_pairs_and_prefers_the_winner(tmp_path, monkeypatch):
+    """--dpo_lr (Diffusion-DPO, not in the paper): dpo_pairs takes each execution group's best and worst row and
+    skips a group that ties; the loss is log 2 while the executor is the base; steps raise the executor's
+    preference for the winners over the base's (the margin m at the draws they were taken with), and the second
+    optimizer's state is saved and comes back on resume."""
+    flags = ("--dpo_lr=1e-4", "--dpo_beta=500", "--num_minibatches=1", "--N=2")
+    g = _train_globals(monkeypatch, tmp_path, *flags)
+    w, l = g["dpo_pairs"](torch.tensor([0.1, 0.9, 0.4, 0.4, 0.7, 0.2]))
+    assert w.tolist() == [1, 4] and l.tolist() == [0, 5]  # the middle group ties
+    w, l = g["dpo_pairs"](torch.zeros(0))
+    assert len(w) == len(l) == 0
+    plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)],
+             [("a blue square grows", 0, 12), ("the blue square moves left", 12, 24)]]
+    lat, switch, ctx, *_ = g["rollout"](plans, torch.Generator().manual_seed(3))
+    assert (lat[0] - lat[1]).abs().max() > 0.1  # a group's two continuations differ: the rows 0, 2 win
+    lw, ll, c = lat[[0, 2]], lat[[1, 3]], ctx[[0, 2]]
+    torch.manual_seed(0)
+    stats = g["dpo_update"](lw, ll, c)
+    assert stats["dpo_skipped"] == 0 and stats["dpo_rows"] == 2
+    assert stats["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6) and stats["dpo_margin"] == 0.0  # the base
+    for _ in range(3):
+        stats = g["dpo_update"](lw, ll, c)
+    torch.manual_seed(0)
+    later = g["dpo_update"](lw, ll, c)  # the first step's draws again
+    assert later["dpo_margin"] > 0 and later["dpo_loss"] < math.log(2), later
+    assert g["dpo_update"](None, None, None)["dpo_rows"] == 0  # a rank with no pairs still takes the steps
+    g["save_checkpoint"]()
+    saved = _load_state(tmp_path)["a_opt"]
+    g2 = _train_globals(monkeypatch, tmp_path, *flags)
+    assert g2["a_opt"].state_dict()["state"][0]["step"] == saved["state"][0]["step"] == 5  # (no gradient, no step count)
 
 
 def test_train_ddp_two_processes_gloo(tmp_path):

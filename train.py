@@ -13,7 +13,8 @@ instructions. One iteration, for each instruction of the batch (SPEC "The TempAc
      not in the paper, which has it at 0) the temporal following of the continuation's own video;
   4. GSPO for the planner (advantages within the M plans); Flow-GRPO for the executor on the
      transition chunk (advantages within each group of N, clipped ratio, KL to the frozen base); not in
-     the paper, sft_lr adds RAFT: flow matching on each instruction's best continuation, every chunk.
+     the paper, sft_lr adds RAFT: flow matching on each instruction's best continuation, every chunk; dpo_lr
+     Diffusion-DPO on each execution group's best and worst continuation.
 
     python train.py                                            # the shapes world, one GPU or the CPU
     torchrun --standalone --nproc_per_node=4 train.py          # K GPUs: each rank its own instructions
@@ -112,6 +113,12 @@ sft_lr = 0.0              # not in the paper (RAFT, Dong et al. 2023): after the
                           # loss) on each instruction's best continuation by the executor's reward, its whole video under its
                           # own plan's prompts, num_minibatches steps of a second AdamW at this rate; 0: off. Flow-GRPO's
                           # signal reaches the transition chunk's steps only, this one every chunk (the world only)
+dpo_lr = 0.0              # not in the paper (Diffusion-DPO, Wallace et al. 2024, in flow matching's terms): after the Flow-GRPO
+                          # steps, each execution group's best and worst continuation by the executor's reward make a pair, and
+                          # num_minibatches steps of a second AdamW at this rate raise the winner's flow-matching likelihood over
+                          # the loser's, each against the frozen base, so what the two share cancels (the context, and the
+                          # executor's own artefacts that sft_lr fits); every chunk, the world only. 0: off
+dpo_beta = 2000.0         # Diffusion-DPO's beta, on the rows' mean flow-matching errors
 local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
@@ -185,8 +192,10 @@ master = rank == 0
 cuda = device.startswith("cuda")
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 real = backbone != "world"
-if real and sft_lr:
-    die("sft_lr needs the world: the distilled real executors were not trained by flow matching")
+if real and (sft_lr or dpo_lr):
+    die(f"{'sft_lr' if sft_lr else 'dpo_lr'} needs the world: the distilled real executors were not trained by flow matching")
+if sft_lr and dpo_lr:
+    die("sft_lr and dpo_lr share one optimizer: set one of them")
 if real and transition == "any":
     die("transition=any needs the world's judges: the VLM judge has no question for a chunk inside a step")
 instructions = config["instructions"] = instructions or (8 if real else 32)
@@ -387,7 +396,8 @@ if grad_ckpt:  # memory for one block's activations instead of all of them, for 
     (enable or planner.model.gradient_checkpointing_enable)({"use_reentrant": False})  # ... older ones have only this
 p_opt = torch.optim.AdamW(planner.model.parameters(), lr=planner_lr, betas=(0.9, 0.99), weight_decay=0.0)
 e_opt = torch.optim.AdamW(executor.parameters(), lr=executor_lr, betas=(0.9, 0.99), weight_decay=0.0)
-s_opt = torch.optim.AdamW(executor.parameters(), lr=sft_lr, betas=(0.9, 0.99), weight_decay=0.0) if sft_lr else None
+a_opt = (torch.optim.AdamW(executor.parameters(), lr=sft_lr or dpo_lr, betas=(0.9, 0.99), weight_decay=0.0)
+         if sft_lr or dpo_lr else None)  # the executor's steps after Flow-GRPO's (sft_lr or dpo_lr)
 C = executor.cfg.chunk_frames
 PC = max(1, min(policy_chunks or T // C, T // C - (start_frac == 0)))  # policy chunks a row has at most: a switch is
                                                                      # never in chunk 0, where only start_frac's groups begin
@@ -412,8 +422,8 @@ if state is not None:
         p_opt.load_state_dict(state["p_opt"])
     executor.load_state_dict(state["executor"])
     e_opt.load_state_dict(state["e_opt"])
-    if s_opt is not None:
-        s_opt.load_state_dict(state["s_opt"])
+    if a_opt is not None:
+        a_opt.load_state_dict(state["a_opt"])
     it, minutes_before = state["iter"], state.get("minutes", 0.0)
     if master:
         print(f"resumed from iteration {it} ({minutes_before:.1f} minutes trained)")
@@ -430,7 +440,7 @@ def save_checkpoint():
         return
     os.makedirs(out_dir, exist_ok=True)
     state = {"planner": p_sd, "executor": executor.state_dict(), "p_opt": p_opt_sd, "e_opt": e_opt.state_dict(),
-             **({"s_opt": s_opt.state_dict()} if s_opt else {}), "iter": it, "minutes": (time.time() - t_start) / 60,
+             **({"a_opt": a_opt.state_dict()} if a_opt else {}), "iter": it, "minutes": (time.time() - t_start) / 60,
              "config": config}
     Mod.save_state(state, state_path)
     name = "executor" if real else "world_executor"
@@ -791,28 +801,67 @@ def best_of(r: torch.Tensor, key: list) -> torch.Tensor:
     return torch.tensor([q for k, q in best.items() if float(r[q]) > total[k] / count[k] + 1e-6], dtype=torch.long)
 
 
-def sft_update(lat, ctx):
-    """sft_lr (not in the paper): flow matching on the selected continuations' whole videos, as pretrain.py trained
-    the executor (a noise level per chunk, some chunks clean), in num_minibatches steps of s_opt.
-    lat (B, T, c, h, w), ctx (B, chunks, L, D), or None for none."""
-    n = 0 if lat is None else len(lat)
-    stats = {"sft_loss": 0.0, "sft_rows": n, "sft_skipped": 0}
+def aux_steps(n: int, loss_of, name: str) -> dict:
+    """num_minibatches steps of a_opt (sft_lr, dpo_lr) over n rows; loss_of(rows) -> (loss, {stat: value}). A rank
+    with no rows still takes the steps (DDP: the same all-reduces on every rank)."""
+    stats = {f"{name}_loss": 0.0, f"{name}_rows": n, f"{name}_skipped": 0}
     executor.train()
     for idx in batches_of(n):
         if len(idx):
-            i = idx.to(device)
-            sigma = Mod.chunk_noise_levels(len(i), T // C, sample_shift, device=device)  # (B, chunks) as pre-training drew them
-            loss = Mod.flow_matching_loss(executor, lat[i], sigma, ctx[i], autocast)
+            loss, extra = loss_of(idx.to(device))
             if torch.isfinite(loss):
                 loss.backward()
-                stats["sft_loss"] += loss.item() / num_minibatches
+                for k, v in {f"{name}_loss": loss.item(), **extra}.items():
+                    stats[k] = stats.get(k, 0.0) + v / num_minibatches
             else:
-                stats["sft_skipped"] += 1
+                stats[f"{name}_skipped"] += 1
         sync_grads(executor.parameters())
         torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
-        s_opt.step()
-        s_opt.zero_grad(set_to_none=True)
+        a_opt.step()
+        a_opt.zero_grad(set_to_none=True)
     return stats
+
+
+def sft_update(lat, ctx):
+    """sft_lr (not in the paper): flow matching on the selected continuations' whole videos, as pretrain.py trained
+    the executor (a noise level per chunk, some chunks clean). lat (B, T, c, h, w), ctx (B, chunks, L, D), or None."""
+    def loss_of(i):
+        sigma = Mod.chunk_noise_levels(len(i), T // C, sample_shift, device=device)  # (B, chunks) as pre-training drew them
+        return Mod.flow_matching_loss(executor, lat[i], sigma, ctx[i], autocast), {}
+    return aux_steps(0 if lat is None else len(lat), loss_of, "sft")
+
+
+def dpo_pairs(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dpo_lr's pairs: per execution group (N consecutive rows of r), its best and worst row (the first on ties),
+    where they differ. r (groups * N,) -> winner, loser positions (k,), (k,)."""
+    r = r.view(-1, N)
+    first = torch.arange(len(r)) * N
+    keep = r.amax(1) - r.amin(1) > 1e-6
+    return (first + r.argmax(1))[keep], (first + r.argmin(1))[keep]
+
+
+def dpo_update(lat_w, lat_l, ctx):
+    """dpo_lr (not in the paper): Diffusion-DPO (Wallace et al. 2024, eq. 14) with the flow-matching error e of a
+    row's whole video (pre-training's noise levels, some chunks clean) for the noise-prediction error. Winner and
+    loser of a pair share their noise levels and noise, and
+        loss = -log sigmoid(beta m),  m = -((e_w - e_w_ref) - (e_l - e_l_ref)),
+    e_ref the frozen base's error: m > 0 where the executor prefers the winner more than the base does. The loss
+    is log 2 at the base; frames equal in both videos (the group's shared context) give equal errors and cancel.
+    lat_w, lat_l (B, T, c, h, w), ctx (B, chunks, L, D): a pair's plan, or None for no pairs."""
+    def loss_of(i):
+        B = len(i)
+        sigma = Mod.chunk_noise_levels(B, T // C, sample_shift, device=device).repeat(2, 1)  # (2B, chunks)
+        x0 = torch.cat([lat_w[i], lat_l[i]])                                                 # (2B, T, c, h, w)
+        eps = torch.randn_like(x0[:B]).repeat(2, 1, 1, 1, 1)
+        c = ctx[i].repeat(2, 1, 1, 1)
+        e = Mod.flow_matching_loss(executor, x0, sigma, c, autocast, eps, per_row=True)      # (2B,)
+        with torch.no_grad():
+            e_ref = Mod.flow_matching_loss(reference, x0, sigma, c, autocast, eps, per_row=True)
+        d = (e - e_ref).view(2, B)                                                           # (2, B): winners, losers
+        m = -(d[0] - d[1])                                                                   # (B,)
+        loss = -torch.nn.functional.logsigmoid(dpo_beta * m).mean()
+        return loss, {"dpo_acc": (m > 0).float().mean().item(), "dpo_margin": m.mean().item()}
+    return aux_steps(0 if lat_w is None else len(lat_w), loss_of, "dpo")
 
 
 def planner_update(samples, adv):
@@ -1000,6 +1049,9 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
         if sft_lr:  # each instruction's best continuation, among this rank's own rows (none: the steps still run)
             sel = best_of(r_exec, [valid[r // N] // M for r in rows.tolist()]).to(device)
             stats |= sft_update(lat[d][sel] if len(sel) else None, ctx[d][sel] if len(sel) else None)
+        if dpo_lr:  # each execution group's best and worst continuation, on this rank (none: the steps still run)
+            w, l = (x.to(device) for x in dpo_pairs(r_exec))
+            stats |= dpo_update(lat[d][w], lat[d][l], ctx[d][w]) if len(w) else dpo_update(None, None, None)
     sync()
     t4, mem["update"] = time.time(), peak_gb()
 
