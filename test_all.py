@@ -1806,10 +1806,11 @@ def test_start_frac_rescores_the_first_chunk(tmp_path, monkeypatch):
     _update_moves_weights(g, groups, lat, ctx, xs, xn, logp_old, mean_ref)
 
 
-def test_sft_selects_the_best_and_fits_it(tmp_path, monkeypatch):
+def test_sft_selects_the_best_and_fits_it(tmp_path, monkeypatch, capsys):
     """--sft_lr (RAFT, not in the paper): best_of keeps each instruction's best row where it beats the
     instruction's mean; a step of sft_update's flow matching (pretrain.py's loss) on rollouts lowers that loss at
-    the noise it drew, and the second optimizer's state is saved and comes back on resume."""
+    the noise it drew, and the second optimizer's state is saved and comes back on resume (also from "s_opt", as
+    runs before --dpo_lr saved it; a state without it gets one line)."""
     g = _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
     best_of = g["best_of"]
     r = torch.tensor([0.1, 0.9, 0.4, 0.9, 0.5, 0.5, 0.2, 0.3])
@@ -1834,9 +1835,21 @@ def test_sft_selects_the_best_and_fits_it(tmp_path, monkeypatch):
         assert stats["sft_loss"] == pytest.approx(before, rel=1e-5) and loss(seed) < before, (loss(seed), before)
     assert g["sft_update"](None, None)["sft_rows"] == 0  # a rank with no rows still takes the steps
     g["save_checkpoint"]()
-    saved = _load_state(tmp_path)["a_opt"]
+    state = _load_state(tmp_path)
+    saved = state["a_opt"]
     g2 = _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
     assert g2["it"] == 0 and g2["a_opt"].state_dict()["state"][0]["step"] == saved["state"][0]["step"] == 2
+    older = {("s_opt" if k == "a_opt" else k): v for k, v in state.items()}  # as runs before dpo_lr saved it
+    M.save_state(older, str(tmp_path / "state.pt"))
+    g2 = _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
+    assert g2["a_opt"].state_dict()["state"][0]["step"] == 2
+    M.save_state({k: v for k, v in older.items() if k != "s_opt"}, str(tmp_path / "state.pt"))  # none: one line
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _train_globals(monkeypatch, tmp_path, "--sft_lr=1e-5", "--num_minibatches=1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == (f"error: {tmp_path / 'state.pt'} has no state for sft_lr's or dpo_lr's "
+                                             "optimizer: resume it without them"), err[-3:]
 
 
 def test_dpo_pairs_and_prefers_the_winner(tmp_path, monkeypatch):

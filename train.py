@@ -422,8 +422,11 @@ if state is not None:
         p_opt.load_state_dict(state["p_opt"])
     executor.load_state_dict(state["executor"])
     e_opt.load_state_dict(state["e_opt"])
-    if a_opt is not None:
-        a_opt.load_state_dict(state["a_opt"])
+    if a_opt is not None:  # (sft_lr runs saved before dpo_lr came called it s_opt)
+        a_state = state.get("a_opt", state.get("s_opt"))
+        if a_state is None:
+            die(f"{state_path} has no state for sft_lr's or dpo_lr's optimizer: resume it without them")
+        a_opt.load_state_dict(a_state)
     it, minutes_before = state["iter"], state.get("minutes", 0.0)
     if master:
         print(f"resumed from iteration {it} ({minutes_before:.1f} minutes trained)")
