@@ -1539,10 +1539,14 @@ def _moved(state, part: str) -> bool:
 
 
 def test_ablations_train_only_what_they_say(tmp_path):
-    # --train_planner=False / --train_executor=False: one iteration each (run together), the other model moves alone
-    runs = [(tmp_path / "p", "--train_planner=False"), (tmp_path / "e", "--train_executor=False")]
-    for r in _run_all(*[("train.py", *MICRO, f"--out_dir={out}", "--max_iters=1", flag) for out, flag in runs]):
+    # --train_planner=False / --train_executor=False: one iteration each (run together), the other model moves alone.
+    # The first also takes --dpo_lr's steps (executor only): the loop's pairs reach dpo_update
+    runs = [(tmp_path / "p", "--train_planner=False --dpo_lr=1e-5"), (tmp_path / "e", "--train_executor=False")]
+    for r in _run_all(*[("train.py", *MICRO, f"--out_dir={out}", "--max_iters=1", *flag.split()) for out, flag in runs]):
         assert r.returncode == 0, r.stderr[-800:]
+    with open(tmp_path / "p" / "log.jsonl") as f:
+        rec = json.loads(f.readline())
+    assert rec["dpo_rows"] > 0 and rec["dpo_skipped"] == 0 and math.isfinite(rec["dpo_loss"]), rec
     sp, se = _load_state(tmp_path / "p"), _load_state(tmp_path / "e")
     assert _moved(sp, "executor") and not _moved(sp, "planner")
     assert _moved(se, "planner") and not _moved(se, "executor")

@@ -1050,11 +1050,11 @@ while it < max_iters and (time.time() - t_start) / 60 < max_minutes:
             # optimizer steps (AdamW moves weights even on a zero gradient), or the weights drift apart
             stats |= executor_update([[] for _ in range(num_minibatches)], None, None, None, None, None, None, None)
         if sft_lr:  # each instruction's best continuation, among this rank's own rows (none: the steps still run)
-            sel = best_of(r_exec, [valid[r // N] // M for r in rows.tolist()]).to(device)
-            stats |= sft_update(lat[d][sel] if len(sel) else None, ctx[d][sel] if len(sel) else None)
+            sel = d[best_of(r_exec, [valid[r // N] // M for r in rows.tolist()]).to(device)]
+            stats |= sft_update(lat[sel] if len(sel) else None, ctx[sel] if len(sel) else None)
         if dpo_lr:  # each execution group's best and worst continuation, on this rank (none: the steps still run)
-            w, l = (x.to(device) for x in dpo_pairs(r_exec))
-            stats |= dpo_update(lat[d][w], lat[d][l], ctx[d][w]) if len(w) else dpo_update(None, None, None)
+            w, l = (d[x.to(device)] for x in dpo_pairs(r_exec))
+            stats |= dpo_update(lat[w], lat[l], ctx[w]) if len(w) else dpo_update(None, None, None)
     sync()
     t4, mem["update"] = time.time(), peak_gb()
 
