@@ -807,22 +807,24 @@ def best_of(r: torch.Tensor, key: list) -> torch.Tensor:
 def aux_steps(n: int, loss_of, name: str) -> dict:
     """num_minibatches steps of a_opt (sft_lr, dpo_lr) over n rows; loss_of(rows) -> (loss, {stat: value}). A rank
     with no rows still takes the steps (DDP: the same all-reduces on every rank)."""
-    stats = {f"{name}_loss": 0.0, f"{name}_rows": n, f"{name}_skipped": 0}
+    means, taken, skipped = {f"{name}_loss": 0.0}, 0, 0
     executor.train()
     for idx in batches_of(n):
         if len(idx):
             loss, extra = loss_of(idx.to(device))
             if torch.isfinite(loss):
                 loss.backward()
+                taken += 1
                 for k, v in {f"{name}_loss": loss.item(), **extra}.items():
-                    stats[k] = stats.get(k, 0.0) + v / num_minibatches
+                    means[k] = means.get(k, 0.0) + v
             else:
-                stats[f"{name}_skipped"] += 1
+                skipped += 1
         sync_grads(executor.parameters())
         torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
         a_opt.step()
         a_opt.zero_grad(set_to_none=True)
-    return stats
+    # means over the steps that had rows and a finite loss (not over num_minibatches: some may be empty)
+    return {**{k: v / max(taken, 1) for k, v in means.items()}, f"{name}_rows": n, f"{name}_skipped": skipped}
 
 
 def sft_update(lat, ctx):
@@ -849,7 +851,7 @@ def dpo_update(lat_w, lat_l, ctx):
     loser of a pair share their noise levels and noise, and
         loss = -log sigmoid(beta m),  m = -((e_w - e_w_ref) - (e_l - e_l_ref)),
     e_ref the frozen base's error: m > 0 where the executor prefers the winner more than the base does. The loss
-    is log 2 at the base; frames equal in both videos (the group's shared context) give equal errors and cancel.
+    is log 2 at the base (on a GPU up to the bf16 base's rounding); frames equal in both videos (the group's shared context) give equal errors and cancel.
     lat_w, lat_l (B, T, c, h, w), ctx (B, chunks, L, D): a pair's plan, or None for no pairs."""
     def loss_of(i):
         B = len(i)
