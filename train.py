@@ -851,8 +851,9 @@ def dpo_update(lat_w, lat_l, ctx):
     loser of a pair share their noise levels and noise, and
         loss = -log sigmoid(beta m),  m = -((e_w - e_w_ref) - (e_l - e_l_ref)),
     e_ref the frozen base's error: m > 0 where the executor prefers the winner more than the base does. The loss
-    is log 2 at the base (on a GPU up to the bf16 base's rounding); frames equal in both videos (the group's shared context) give equal errors and cancel.
-    lat_w, lat_l (B, T, c, h, w), ctx (B, chunks, L, D): a pair's plan, or None for no pairs."""
+    is log 2 at the base (on a GPU up to the bf16 base's rounding); frames equal in both videos (the group's shared
+    context) give equal errors and cancel. lat_w, lat_l (B, T, c, h, w), ctx (B, chunks, L, D): a pair's plan, or
+    None where this rank has no pairs (or, with every plan invalid, no rollout at all)."""
     def loss_of(i):
         B = len(i)
         sigma = Mod.chunk_noise_levels(B, T // C, sample_shift, device=device).repeat(2, 1)  # (2B, chunks)
