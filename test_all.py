@@ -1794,6 +1794,42 @@ def test_policy_chunks_record_every_chunk_after_the_switch(tmp_path, monkeypatch
     assert g["judge"]((world.render_script(objs, steps, [3, 9, 18]), text, plan, 0))["local"] == 0.5
 
 
+def test_step_weights_even_out_the_policy_gradient(tmp_path, monkeypatch):
+    """--step_weight=noise: each policy step's log-prob, times its weight, has a gradient in v of the same size at
+    every step (float32; 4096 elements a step, so a norm varies by about 1%), where unweighted the last steps'
+    exceed the first ones' 5x or more. The same for the distilled re-noise sampler, and one update with the
+    weights moves the executor with finite losses. --step_weight=none weighs every step 1."""
+    g = _train_globals(monkeypatch, tmp_path, "--sample_steps=10", "--step_weight=noise", "--N=2")
+    glb = g["step_weights"].__globals__  # the module's own globals, as the flags set them
+    gen = torch.Generator().manual_seed(0)
+
+    def grad_norms(weights):
+        out = []
+        for k, (s, s_next) in enumerate(zip(glb["sigmas"][:glb["KP"]], glb["sigmas"][1:])):
+            x, v = torch.randn(2, 1, 4096, generator=gen)
+            v.requires_grad_(True)
+            x_next = g["policy_step"](x, v.detach(), s, s_next, noise=torch.randn(1, 4096, generator=gen))[0]
+            (weights[k] * g["policy_step"](x, v, s, s_next, x_next=x_next)[1]).sum().backward()  # a step it took
+            out.append(v.grad.norm().item())
+        return torch.tensor(out)
+
+    for sampler, sigmas in (("ode", glb["sigmas"]), ("renoise", M.few_step_sigmas().tolist() + [0.0])):
+        glb["sampler"], glb["sigmas"], glb["KP"] = sampler, sigmas, len(sigmas) - 2
+        w = g["step_weights"]()
+        assert w.shape == (glb["KP"],) and abs(w.mean().item() - 1) < 1e-6 and (w > 0).all(), w
+        plain, even = grad_norms(torch.ones_like(w)), grad_norms(w)
+        assert plain[-1] > 5 * plain[0] and even.max() < 1.1 * even.min(), (sampler, plain, even)
+    glb["sampler"], glb["sigmas"], glb["KP"] = "ode", M.ode_sigmas(10, 3.0).tolist() + [0.0], 9
+    w = g["step_weights"]()
+    assert w[0] > 10 * w[-1], w  # the world's first step weighs more than 10x its last
+    plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)]] * 2
+    lat, switch, ctx, xs, xn, lo = g["rollout"](plans, torch.Generator().manual_seed(3))
+    groups = g["update_groups"](switch)
+    _update_moves_weights(g, groups, lat, ctx, xs, xn, *g["rescore"](groups, lat, ctx, xs, xn))
+    glb["step_weight"] = "none"
+    assert (g["step_weights"]() == 1).all()
+
+
 def test_start_frac_rescores_the_first_chunk(tmp_path, monkeypatch):
     """--start_frac=1: every execution group branches at chunk 0, which has no context. The group's
     continuations differ from the first frame on, the update's forward (an empty context) re-scores exactly

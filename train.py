@@ -104,6 +104,10 @@ policy_chunks = 1         # chunks, from the transition chunk on, whose steps ar
                           # gained less in the same minutes (EXPERIMENTS.md)
 policy_steps = 0          # of each such chunk's steps, the first this many (0: all K, every step but the last); the
                           # others run the ODE (Flow-GRPO-Fast likewise trains a few early steps)
+step_weight = "none"      # not in the paper (TempFlow-GRPO's noise-aware weighting, He et al. 2025, in our terms): none | noise.
+                          # A policy step's log-prob gradient in v is A eps |d mean / d v| / std, so unweighted the world's late,
+                          # low-noise steps pull 14x harder than its first ones, though the first decide where things move;
+                          # noise scales each step's terms by std / |d mean / d v| (mean 1 over the steps): every step the same
 clip_range = 1e-3         # executor ratio clip
 kl_beta = 0.01            # KL to the frozen base executor
 w_local, w_aesthetic = 1.0, 0.2
@@ -206,7 +210,7 @@ if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothing", ("ramp", "none")),
                       ("transition", ("first", "random", "any")), ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
-                      ("adv_std", ("group", "batch", "none"))):
+                      ("adv_std", ("group", "batch", "none")), ("step_weight", ("none", "noise"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
 # counts and ranges, refused here in one line rather than as a traceback after the run's folder is written.
@@ -545,6 +549,20 @@ def policy_step(x, v, s: float, s_next: float, noise=None, x_next=None):
     return Mod.renoise_step(x.float() - s * v.float(), s_next, noise=noise, x_next=x_next)
 
 
+def step_weights() -> torch.Tensor:
+    """(KP,) each policy step's weight in the executor's loss: ones, or (step_weight="noise") std / |d mean / d v|
+    over their mean. The mean is linear in v, so a unit v gives its slope; the log-prob's gradient in v is then
+    A eps / std times that slope for every step alike, from the first (std 1.0 on the world) to the last (0.37)."""
+    if step_weight == "none":
+        return torch.ones(KP)
+    zero, one = torch.zeros(1, 1), torch.ones(1, 1)  # (batch, element)
+    w = []
+    for s, s_next in zip(sigmas[:KP], sigmas[1:KP + 1]):
+        _, _, m0, std = policy_step(zero, zero, s, s_next, x_next=zero)
+        w.append(float(std) / abs(float(policy_step(zero, one, s, s_next, x_next=zero)[2] - m0)))
+    return torch.tensor(w) / (sum(w) / KP)
+
+
 def start_chunk(step: tuple) -> int:
     """The chunk where a plan step (prompt, start, end) takes over: its start frame rounded up to a chunk."""
     return -(-step[1] // C)
@@ -762,10 +780,12 @@ def rescore(groups, lat, ctx, xs, x_nexts):
 
 def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
     """Flow-GRPO (FACTS 5): per policy step k, loss_k = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
-    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); a row's steps' losses averaged (KP in each
-    of its policy chunks, all with the row's advantage), one optimizer step per minibatch. A minibatch's
+    r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); a row's steps' losses averaged with weights
+    w_k (step_weights; KP in each of its policy chunks, all with the row's advantage), one optimizer step per
+    minibatch. A minibatch's
     groups, and a group's chunks (one backward each), add their gradients up to the minibatch's."""
-    stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_skipped": 0}
+    stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_grad_norm": 0.0, "e_skipped": 0}
+    w = step_weights().to(xs.device)                                                              # (KP,)
     executor.train()
     for part in groups:
         n = sum(len(i) for _, i in part)
@@ -777,21 +797,21 @@ def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
             for c, k in chunks:
                 logp, mean, std = chunk_steps(executor, lat[i], ctx[i], c, xs[i, k], x_nexts[i, k])  # (B, KP), (B, KP, ...)
                 ratio = torch.exp(logp - logp_old[i, k])                                          # (B, KP)
-                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range)).sum() / n
-                kl = (((mean - mean_ref[i, k]) ** 2).flatten(2).mean(2) / (2 * std ** 2)).sum() / n  # summed over k
-                loss = (policy + kl_beta * kl) / steps
+                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range))      # (B, KP)
+                kl = ((mean - mean_ref[i, k]) ** 2).flatten(2).mean(2) / (2 * std ** 2)               # (B, KP)
+                loss = ((policy + kl_beta * kl) * w).sum() / n / steps                                  # summed over k
                 if not torch.isfinite(loss):
                     stats["e_skipped"] += 1
                     continue
                 loss.backward()
                 stats["e_loss"] += loss.item()
-                stats["kl"] += kl.item() / steps
+                stats["kl"] += kl.sum().item() / n / steps
                 stats["e_clip_frac"] += ((ratio - 1).abs() > clip_range).float().sum().item() / n / steps
         sync_grads(executor.parameters())
-        torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip)
+        stats["e_grad_norm"] += torch.nn.utils.clip_grad_norm_(executor.parameters(), grad_clip).item()  # before clipping
         e_opt.step()
         e_opt.zero_grad(set_to_none=True)
-    return {k: v / len(groups) if k in ("e_loss", "kl", "e_clip_frac") else v for k, v in stats.items()}
+    return {k: v / len(groups) if k in ("e_loss", "kl", "e_clip_frac", "e_grad_norm") else v for k, v in stats.items()}
 
 
 def best_of(r: torch.Tensor, key: list) -> torch.Tensor:
