@@ -785,7 +785,7 @@ def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
     minibatch. A minibatch's
     groups, and a group's chunks (one backward each), add their gradients up to the minibatch's."""
     stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_grad_norm": 0.0, "e_skipped": 0}
-    w = step_weights().to(xs.device)                                                              # (KP,)
+    w = step_weights().to(device)                                                                 # (KP,)
     executor.train()
     for part in groups:
         n = sum(len(i) for _, i in part)
