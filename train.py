@@ -783,10 +783,10 @@ def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
     """Flow-GRPO (FACTS 5): per policy step k, loss_k = mean(max(-A r, -A clip(r, 1 +- eps))) + beta KL,
     r = exp(logp - logp_old), KL = |mu - mu_ref|^2 / (2 std^2); a row's steps' losses averaged with weights
     w_k (step_weights; KP in each of its policy chunks, all with the row's advantage), one optimizer step per
-    minibatch. A minibatch's
-    groups, and a group's chunks (one backward each), add their gradients up to the minibatch's."""
+    minibatch. A minibatch's groups, and a group's chunks (one backward each), add their gradients up to the
+    minibatch's."""
     stats = {"e_loss": 0.0, "kl": 0.0, "e_clip_frac": 0.0, "e_grad_norm": 0.0, "e_skipped": 0}
-    w = step_weights().to(device)                                                                 # (KP,)
+    w = step_weights().to(device)                                                         # (KP,)
     executor.train()
     for part in groups:
         n = sum(len(i) for _, i in part)
@@ -798,9 +798,9 @@ def executor_update(groups, lat, ctx, xs, x_nexts, logp_old, mean_ref, adv):
             for c, k in chunks:
                 logp, mean, std = chunk_steps(executor, lat[i], ctx[i], c, xs[i, k], x_nexts[i, k])  # (B, KP), (B, KP, ...)
                 ratio = torch.exp(logp - logp_old[i, k])                                          # (B, KP)
-                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range))      # (B, KP)
-                kl = ((mean - mean_ref[i, k]) ** 2).flatten(2).mean(2) / (2 * std ** 2)               # (B, KP)
-                loss = ((policy + kl_beta * kl) * w).sum() / n / steps                                  # summed over k
+                policy = torch.maximum(-A * ratio, -A * ratio.clamp(1 - clip_range, 1 + clip_range))  # (B, KP)
+                kl = ((mean - mean_ref[i, k]) ** 2).flatten(2).mean(2) / (2 * std ** 2)           # (B, KP)
+                loss = ((policy + kl_beta * kl) * w).sum() / n / steps                            # summed over k
                 if not torch.isfinite(loss):
                     stats["e_skipped"] += 1
                     continue
