@@ -106,7 +106,7 @@ policy_steps = 0          # of each such chunk's steps, the first this many (0: 
                           # others run the ODE (Flow-GRPO-Fast likewise trains a few early steps)
 step_weight = "none"      # not in the paper (TempFlow-GRPO's noise-aware weighting, He et al. 2025, in our terms): none | noise.
                           # A policy step's log-prob gradient in v is A eps |d mean / d v| / std, so unweighted the world's late,
-                          # low-noise steps pull 20x harder than its first ones, though the first decide where things move;
+                          # low-noise steps pull 20x harder than its first ones, though the reward depends most on the early ones;
                           # noise scales each step's terms by std / |d mean / d v| (mean 1 over the steps): every step the same
                           # (+14.4% and +15.2% at lr 2e-5 and 4e-5 on the world, the defaults' band: EXPERIMENTS.md)
 clip_range = 1e-3         # executor ratio clip
