@@ -1801,6 +1801,7 @@ def test_step_weights_even_out_the_policy_gradient(tmp_path, monkeypatch):
     weights moves the executor with finite losses. --step_weight=none weighs every step 1."""
     g = _train_globals(monkeypatch, tmp_path, "--sample_steps=10", "--step_weight=noise", "--N=2")
     glb = g["step_weights"].__globals__  # the module's own globals, as the flags set them
+    world_schedule = glb["sampler"], glb["sigmas"], glb["KP"]  # the Euler SDE, 10 steps: 9 policy steps
     gen = torch.Generator().manual_seed(0)
 
     def grad_norms(weights):
@@ -1819,7 +1820,7 @@ def test_step_weights_even_out_the_policy_gradient(tmp_path, monkeypatch):
         assert w.shape == (glb["KP"],) and abs(w.mean().item() - 1) < 1e-6 and (w > 0).all(), w
         plain, even = grad_norms(torch.ones_like(w)), grad_norms(w)
         assert plain[-1] > 5 * plain[0] and even.max() < 1.1 * even.min(), (sampler, plain, even)
-    glb["sampler"], glb["sigmas"], glb["KP"] = "ode", M.ode_sigmas(10, 3.0).tolist() + [0.0], 9
+    glb["sampler"], glb["sigmas"], glb["KP"] = world_schedule
     w = g["step_weights"]()
     assert w[0] > 10 * w[-1], w  # the world's first step weighs more than 10x its last
     plans = [[("a red circle moves right", 0, 9), ("the red circle turns blue", 9, 24)]] * 2
