@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from planner import format_plan
-from world import (BACKGROUND, CHUNK, DIRECTIONS, DURATION, MOVE_DIST, PALETTE, TOUCH_TOL, T, Det, ParseError, cosine, obj_cost,
-                   as_video, chunks_needed, detect_events, gap, observe, parse, parse_step_prompt, perceive, simulate,
-                   Step, step_prompts, track)
+from world import (BACKGROUND, CHUNK, DIRECTIONS, DURATION, MOVE_DIST, PALETTE, TOUCH_TOL, TWO_OBJECT, T, Det, ParseError,
+                   cosine, obj_cost, as_video, chunks_needed, detect_events, gap, observe, parse, parse_step_prompt, perceive,
+                   simulate, Step, step_prompts, track)
 
 # -----------------------------------------------------------------------------
 # does one detected event realise one step of the script?
@@ -132,11 +132,13 @@ def _chunk_tracks(video, span, step_prompt: str):
     return s, e, tracks, events, step, who, at
 
 
-def local_step_following(video, span, prev_step: str | None, next_step: str, graded: bool = False) -> float:
+def local_step_following(video, span, prev_step: str | None, next_step: str, graded: bool = False,
+                         paced: bool = False) -> float:
     """On the transition chunk span = (start, end): half for the new step starting inside it, half for
     the previous step being finished by then; anything else starting in the chunk halves the score.
     graded: each half in [0, 1] instead of yes/no (how far the new step got, how close the previous
-    one ended), so that an execution group's continuations rarely tie (a VLM judge's P("Yes") is graded too)."""
+    one ended), so that an execution group's continuations rarely tie (a VLM judge's P("Yes") is graded too).
+    paced (with graded): a move's start is graded against the script's own pace, not a 3 px start (_progress)."""
     try:
         p_objs, p_step = parse_step_prompt(prev_step) if prev_step is not None else (None, None)
     except (ParseError, ValueError, TypeError, IndexError):
@@ -146,7 +148,7 @@ def local_step_following(video, span, prev_step: str | None, next_step: str, gra
         return 0.0
     s, e, tracks, events, step, who, at = view
     started = [ev for ev in events if s <= ev.start < e and _realises(step, ev, tracks, None, None, False, partial=True)]
-    begun = _progress(step, tracks, s, e) if graded else float(bool(started))
+    begun = _progress(step, tracks, s, e, paced=paced) if graded else float(bool(started))
     done = 1.0
     if p_step is not None:
         after = simulate(p_objs, (p_step,))[1]
@@ -187,16 +189,24 @@ def local_step_continuing(video, span, step_prompt: str, since: int, graded: boo
     return (0.5 * going + 0.5) * (0.5 if extra else 1.0)
 
 
-def _progress(step: Step, tracks, s: int, e: int, fresh: bool = True) -> float:
+def _progress(step: Step, tracks, s: int, e: int, fresh: bool = True, paced: bool = False) -> float:
     """How far the actor got into the step within the chunk, in [0, 1]: full marks for travelling 3 px
     the right way (the slowest natural move covers that in a chunk), turning to the new colour, or a
     size change the event detector would call one; less whatever it already did in the chunk before
     (a step that started early is premature, as for the yes/no judge). fresh=False: a step under way
-    since before the chunk, whose progress before it is no fault."""
+    since before the chunk, whose progress before it is no fault. paced: a move's full marks need 0.8 of
+    what the script covers in the step's first chunk (world.render_script: (CHUNK - 1) / (DURATION - 1) of
+    its distance; a two-object step's distance is the gap to its target), at least 3 px. Two-object steps
+    that start slower than that mostly stop short of their target (EXPERIMENTS.md, twenty-sixth attempt)."""
     tr, t = tracks[step.actor], max(s - 1, 0)
     ref = tracks[step.target][t] if step.kind == "move_to" else None
     if tr[t] is None or (step.kind == "move_to" and ref is None):
         return 0.0
+    need = 3.0  # px of travel for full marks
+    if paced and step.kind in ("move", *TWO_OBJECT):
+        tgt = tracks[step.target][t] if step.kind in TWO_OBJECT else None
+        distance = MOVE_DIST if step.kind == "move" else gap(tr[t], tgt) if tgt is not None else 0.0
+        need = max(need, 0.8 * distance * (CHUNK - 1) / (DURATION[step.kind] - 1))
 
     def gain(t0: int, t1: int) -> float:  # the step's progress from frame t0 to frame t1
         if t1 <= max(t0, 0):  # no frames (the chunk before the video's start)
@@ -213,7 +223,7 @@ def _progress(step: Step, tracks, s: int, e: int, fresh: bool = True) -> float:
         norm = math.hypot(ux, uy) or 1.0  # move_to: heads for where the target was
         dx, dy = b.x - a.x, b.y - a.y
         along, across = (dx * ux + dy * uy) / norm, abs(dx * uy - dy * ux) / norm
-        return min(1.0, max(0.0, (along - 0.5 * across) / 3.0))
+        return min(1.0, max(0.0, (along - 0.5 * across) / need))
     if not fresh:  # a step under way since before the chunk: its progress within the chunk
         return gain(s - 1, e - 1)
     return max(0.0, gain(s - 1, e - 1) - gain(s - 1 - (e - s), s - 1))

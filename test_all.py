@@ -795,6 +795,26 @@ def test_local_step_following_graded():
     assert cases == 6
 
 
+
+def test_local_step_following_paced():
+    """paced (train.py's --local_reward=paced): ground-truth renders keep full marks; a new move that starts one
+    frame late covers half the script's travel in its first chunk (4 of 8 px), which the graded judge still calls
+    a full start (3 px) and the paced one does not. Paced never scores above graded (it needs at least 3 px)."""
+    moves = 0
+    for it in ITEMS:
+        plan, (objs, steps) = it["plan"], world.parse(it["instruction"])
+        if len(plan) < 2 or steps[1].kind not in ("move", *world.TWO_OBJECT):
+            continue
+        span, prev, nxt, starts = (plan[1][1], plan[1][1] + world.CHUNK), plan[0][0], plan[1][0], [s for _, s, _ in plan]
+        assert local_step_following(world.render(it["instruction"]), span, prev, nxt, graded=True, paced=True) >= 0.95, it
+        late = world.render_script(objs, steps, [starts[0], starts[1] + 1] + starts[2:])
+        graded, paced = (local_step_following(late, span, prev, nxt, graded=True, paced=p) for p in (False, True))
+        assert paced <= graded + 1e-9, (it, graded, paced)
+        if steps[1].kind == "move":
+            assert paced < graded - 0.1, (it, graded, paced)
+            moves += 1
+    assert moves >= 3
+
 def test_local_step_continuing():
     """The judge of a chunk inside a step (train.py's transition="any"): full marks on ground-truth renders,
     whether the step is under way there or done by its kind's timing; half for a move that stalls while it should be under way

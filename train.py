@@ -125,6 +125,8 @@ dpo_lr = 0.0              # not in the paper (Diffusion-DPO, Wallace et al. 2024
                           # executor's own artefacts that sft_lr fits); every chunk, the world only. 0: off
 dpo_beta = 2000.0         # Diffusion-DPO's beta, on the rows' mean flow-matching errors
 local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
+                          # | paced (graded, a move's start against the script's pace, not a 3 px start: not in the paper;
+                          # two-object steps that start slow mostly stop short, EXPERIMENTS.md, twenty-sixth attempt)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
 num_minibatches = 4       # each rollout batch is split in 4 updates, for both models
@@ -210,7 +212,7 @@ fsdp = ddp and (planner_shard == "always" or (planner_shard == "auto" and real))
 if not (train_planner or train_executor):
     die("nothing to train: set train_planner or train_executor")
 for name, choices in (("planner_shard", ("auto", "always", "never")), ("smoothing", ("ramp", "none")),
-                      ("transition", ("first", "random", "any")), ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary")),
+                      ("transition", ("first", "random", "any")), ("transition_noise", ("shared", "own")), ("later_noise", ("shared", "own")), ("local_reward", ("graded", "binary", "paced")),
                       ("adv_std", ("group", "batch", "none")), ("step_weight", ("none", "noise"))):
     if globals()[name] not in choices:
         die(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, not '{globals()[name]}'")
@@ -678,9 +680,10 @@ def judge(args):
     video, instruction, plan, sw = args
     out = {"temporal": rewards.temporal_following(video, instruction)}
     if sw >= 0:  # the transition chunk: the new step should start in it, the previous one (if any) be done
-        span, graded = (sw * C, sw * C + C), local_reward == "graded"
+        span, graded = (sw * C, sw * C + C), local_reward in ("graded", "paced")
         if any(start_chunk(s) == sw for s in plan):
-            out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=graded)
+            out["local"] = rewards.local_step_following(video, span, *switch_steps(plan, sw), graded=graded,
+                                                        paced=local_reward == "paced")
         else:  # transition="any" branched inside a step: it should get on (if under way) and nothing else start
             step = [s for s in plan if start_chunk(s) <= sw][-1]  # the step under way (a plan's steps are in order)
             out["local"] = rewards.local_step_continuing(video, span, step[0], start_chunk(step) * C, graded=graded)
