@@ -795,7 +795,6 @@ def test_local_step_following_graded():
     assert cases == 6
 
 
-
 def test_local_step_following_paced():
     """paced (train.py's --local_reward=paced): ground-truth renders keep full marks; a new move that starts one
     frame late covers half the script's travel in its first chunk (4 of 8 px), which the graded judge still calls
@@ -814,6 +813,7 @@ def test_local_step_following_paced():
             assert paced < graded - 0.1, (it, graded, paced)
             moves += 1
     assert moves >= 3
+
 
 def test_local_step_continuing():
     """The judge of a chunk inside a step (train.py's transition="any"): full marks on ground-truth renders,
