@@ -126,7 +126,8 @@ dpo_lr = 0.0              # not in the paper (Diffusion-DPO, Wallace et al. 2024
 dpo_beta = 2000.0         # Diffusion-DPO's beta, on the rows' mean flow-matching errors
 local_reward = "graded"   # the world's local judge: graded (each half in [0, 1]) | binary (yes/no halves; ties in ~half the groups)
                           # | paced (graded, a move's start against the script's pace, not a 3 px start: not in the paper;
-                          # two-object steps that start slow mostly stop short, EXPERIMENTS.md, twenty-sixth attempt)
+                          # two-object steps that start slow mostly stop short; level with graded in one 7.0-minute run,
+                          # EXPERIMENTS.md, twenty-sixth attempt)
 adv_clip = 5.0
 adv_std = "none"          # advantages (r - group mean) / std of: group (GRPO) | batch (Flow-GRPO's global_std) | none (Dr. GRPO)
 num_minibatches = 4       # each rollout batch is split in 4 updates, for both models
