@@ -199,13 +199,12 @@ def _progress(step: Step, tracks, s: int, e: int, fresh: bool = True, paced: boo
     its distance; a two-object step's distance is the gap to its target), at least 3 px. Two-object steps
     that start slower than that mostly stop short of their target (EXPERIMENTS.md, twenty-sixth attempt)."""
     tr, t = tracks[step.actor], max(s - 1, 0)
-    ref = tracks[step.target][t] if step.kind == "move_to" else None
+    ref = tracks[step.target][t] if step.kind in TWO_OBJECT else None  # the target just before the chunk
     if tr[t] is None or (step.kind == "move_to" and ref is None):
         return 0.0
     need = 3.0  # px of travel for full marks
     if paced and step.kind in ("move", *TWO_OBJECT):
-        tgt = tracks[step.target][t] if step.kind in TWO_OBJECT else None
-        distance = MOVE_DIST if step.kind == "move" else gap(tr[t], tgt) if tgt is not None else 0.0
+        distance = MOVE_DIST if step.kind == "move" else gap(tr[t], ref) if ref is not None else 0.0
         need = max(need, 0.8 * distance * (CHUNK - 1) / (DURATION[step.kind] - 1))
 
     def gain(t0: int, t1: int) -> float:  # the step's progress from frame t0 to frame t1
